@@ -1,0 +1,142 @@
+//! `portcullis-control-plane`: stores the configuration (embedded store by default, etcd in
+//! production), serves the admin gRPC API and the proxies' config streams, and drains cleanly on
+//! SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use portcullis_control_plane::admin;
+use portcullis_control_plane::discovery::{self, BootstrapToken, ProxyRegistry};
+use portcullis_control_plane::state::ConfigState;
+use portcullis_control_plane::store::{AnyStore, embedded::EmbeddedStore, etcd::EtcdStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StoreKind {
+    /// One node, durable under --data-dir; no etcd needed (the all-in-one default).
+    Embedded,
+    /// etcd (production): several replicas share one etcd cluster.
+    Etcd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis-control-plane",
+    version,
+    about = "Portcullis control plane: admin API, config store and proxy config streams"
+)]
+struct Args {
+    #[arg(long, env = "PORTCULLIS_STORE", value_enum, default_value = "embedded")]
+    store: StoreKind,
+    /// Comma-separated etcd endpoints (with --store etcd).
+    #[arg(long, env = "PORTCULLIS_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+    /// Where the embedded store keeps its data (with --store embedded).
+    #[arg(long, env = "PORTCULLIS_DATA_DIR", default_value = ".data/control-plane")]
+    data_dir: PathBuf,
+    #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "127.0.0.1:7070")]
+    admin_listen: String,
+    /// Where proxies connect for config streams.
+    #[arg(long, env = "PORTCULLIS_PROXY_LISTEN", default_value = "127.0.0.1:7071")]
+    proxy_listen: String,
+    /// File holding the bootstrap token proxies present (`authorization: Bearer <token>`).
+    /// Without it every proxy is refused.
+    #[arg(long, env = "PORTCULLIS_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutdown requested; draining");
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_signal(shutdown.clone()));
+
+    let store = match args.store {
+        StoreKind::Embedded => {
+            info!(data_dir = %args.data_dir.display(), "using the embedded store");
+            AnyStore::Embedded(
+                EmbeddedStore::open(&args.data_dir)
+                    .with_context(|| format!("opening the embedded store in {}", args.data_dir.display()))?,
+            )
+        }
+        StoreKind::Etcd => {
+            info!(etcd.endpoints = ?args.etcd_endpoints, "using etcd");
+            AnyStore::Etcd(EtcdStore::connect(&args.etcd_endpoints).await.context("connecting to etcd")?)
+        }
+    };
+    let token = match &args.bootstrap_token_file {
+        Some(path) => Some(BootstrapToken::from_file(path).context("loading the bootstrap token")?),
+        None => {
+            warn!("no --bootstrap-token-file: every proxy will be refused");
+            None
+        }
+    };
+    let state = ConfigState::start(store, shutdown.clone()).await.context("loading the configuration")?;
+    let admin_listener = tokio::net::TcpListener::bind(&args.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin API to {}", args.admin_listen))?;
+    let proxy_listener = tokio::net::TcpListener::bind(&args.proxy_listen)
+        .await
+        .with_context(|| format!("binding the proxy listener to {}", args.proxy_listen))?;
+    let registry = Arc::new(ProxyRegistry::new());
+    let admin = async {
+        admin::serve(Arc::clone(&state), Arc::clone(&registry), admin_listener, shutdown.clone())
+            .await
+            .context("admin API server")
+    };
+    let proxies = async {
+        discovery::serve(Arc::clone(&state), Arc::clone(&registry), token, proxy_listener, shutdown.clone())
+            .await
+            .context("config stream server")
+    };
+    // If one server fails, the other is stopped too: a half-running control plane helps no one.
+    let served = tokio::try_join!(admin, proxies);
+    shutdown.cancel();
+    served?;
+    info!("stopped");
+    Ok(())
+}
