@@ -98,6 +98,7 @@ enum Escape {
 }
 
 /// Reads the escape whose `%` is at `bytes[i]`.
+#[inline]
 fn escape(bytes: &[u8], i: usize) -> Result<Escape, PathError> {
     let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
         return Err(PathError::InvalidEncoding);
@@ -117,6 +118,7 @@ fn escape(bytes: &[u8], i: usize) -> Result<Escape, PathError> {
     }
 }
 
+#[inline]
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -126,18 +128,32 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+#[inline]
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Checks a raw (unescaped) byte. `/` is handled by the callers.
-fn raw_byte(b: u8) -> Result<(), PathError> {
-    match b {
-        b'\\' => Err(PathError::Backslash),
-        // `?` and `#` cannot be in a path part: the caller split the target wrongly.
-        0..=b' ' | 0x7f.. | b'?' | b'#' => Err(PathError::InvalidCharacter),
-        _ => Ok(()),
+/// Raw bytes that can appear in a normal path as they are: printable ASCII except `%` (an
+/// escape), `/` (a separator), `\` and, since the caller split them off, `?` and `#`.
+const fn plain_bytes() -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut b = b'!';
+    while b < 0x7f {
+        table[b as usize] = !matches!(b, b'%' | b'/' | b'\\' | b'?' | b'#');
+        b += 1;
     }
+    table
+}
+
+static PLAIN: [bool; 256] = plain_bytes();
+
+fn is_plain(b: u8) -> bool {
+    PLAIN[usize::from(b)]
+}
+
+/// Why a raw byte that is neither plain, `%` nor `/` is rejected.
+fn bad_byte(b: u8) -> PathError {
+    if b == b'\\' { PathError::Backslash } else { PathError::InvalidCharacter }
 }
 
 /// Validates the whole path and tells whether it needs rewriting (`false`: already normal).
@@ -148,14 +164,25 @@ fn scan(bytes: &[u8]) -> Result<bool, PathError> {
     let mut seg_start = 1;
     let mut i = 1;
     loop {
+        // Most bytes are plain: skip a run of them with one table lookup each.
+        let run = i;
+        while let Some(&b) = bytes.get(i)
+            && is_plain(b)
+        {
+            i += 1;
+        }
+        // A raw ASCII byte cannot continue a multi-byte sequence started by escapes.
+        if i > run && utf8.pending() {
+            return Err(PathError::InvalidUtf8);
+        }
         match bytes.get(i) {
             None | Some(b'/') => {
-                // A multi-byte sequence cannot straddle a '/' or the end.
+                // Nor can a '/' or the end.
                 if utf8.pending() {
                     return Err(PathError::InvalidUtf8);
                 }
                 let last = i >= bytes.len();
-                let seg = &bytes[seg_start..i];
+                let seg = bytes.get(seg_start..i).unwrap_or_default();
                 // `//` in the middle, or a dot segment anywhere, must be rewritten.
                 if (seg.is_empty() && !last) || seg == b"." || seg == b".." {
                     rewrite = true;
@@ -179,76 +206,69 @@ fn scan(bytes: &[u8]) -> Result<bool, PathError> {
                 }
                 i += 3;
             }
-            Some(&b) => {
-                raw_byte(b)?;
-                // A raw ASCII byte cannot continue a multi-byte sequence started by escapes.
-                if utf8.pending() {
-                    return Err(PathError::InvalidUtf8);
-                }
-                i += 1;
-            }
+            Some(&b) => return Err(bad_byte(b)),
         }
     }
 }
 
 /// Builds the normal form of a path that `scan` accepted but found not normal.
 fn rewrite(raw: &str) -> Result<String, PathError> {
-    let bytes = raw.as_bytes();
-    let mut out = String::with_capacity(raw.len());
+    let mut out: Vec<u8> = Vec::with_capacity(raw.len());
     // Output offsets of the '/' that opens each kept segment, so `..` can drop the last one.
     let mut kept: Vec<usize> = Vec::new();
-    let mut segments = raw[1..].split('/').peekable();
-    let mut offset = 1;
+    let mut segments = raw.as_bytes().get(1..).unwrap_or_default().split(|b| *b == b'/').peekable();
     while let Some(seg) = segments.next() {
         let last = segments.peek().is_none();
         let mark = out.len();
-        out.push('/');
-        decode_segment(&bytes[offset..offset + seg.len()], &mut out)?;
-        offset += seg.len() + 1;
-        match &out[mark + 1..] {
-            "" | "." => out.truncate(mark),
-            ".." => {
-                out.truncate(mark);
-                let Some(start) = kept.pop() else {
-                    return Err(PathError::Traversal);
-                };
-                out.truncate(start);
-            }
+        // Empty and dot segments are common in attacks: settle the raw ones without decoding.
+        let climbs = match seg {
+            b"" | b"." => false,
+            b".." => true,
             _ => {
-                kept.push(mark);
-                continue;
+                out.push(b'/');
+                decode_segment(seg, &mut out)?;
+                match out.get(mark + 1..).unwrap_or_default() {
+                    b"." => false,
+                    b".." => true,
+                    _ => {
+                        kept.push(mark);
+                        continue;
+                    }
+                }
             }
+        };
+        out.truncate(mark);
+        if climbs {
+            let Some(start) = kept.pop() else {
+                return Err(PathError::Traversal);
+            };
+            out.truncate(start);
         }
         // A removed last segment leaves the path ending in '/' (RFC 3986 §5.2.4: "/a/b/.." is
         // "/a/"), and an empty last segment is the trailing slash itself.
         if last {
-            out.push('/');
+            out.push(b'/');
         }
     }
-    Ok(out)
+    // Always ASCII: raw bytes were checked by `scan`, and escapes decode to ASCII or stay.
+    String::from_utf8(out).map_err(|_| PathError::InvalidCharacter)
 }
 
-/// Appends the normal form of one (already validated) segment.
-fn decode_segment(seg: &[u8], out: &mut String) -> Result<(), PathError> {
-    let mut i = 0;
-    while let Some(&b) = seg.get(i) {
-        if b == b'%' {
-            match escape(seg, i)? {
-                Escape::Unreserved(c) => out.push(char::from(c)),
-                Escape::Kept { byte, .. } => {
-                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                    out.push('%');
-                    out.push(char::from(HEX[usize::from(byte >> 4)]));
-                    out.push(char::from(HEX[usize::from(byte & 0xf)]));
-                }
+/// Appends the normal form of one segment (already validated by `scan`).
+fn decode_segment(seg: &[u8], out: &mut Vec<u8>) -> Result<(), PathError> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut rest = seg;
+    while let Some(at) = rest.iter().position(|b| *b == b'%') {
+        out.extend_from_slice(rest.get(..at).unwrap_or_default());
+        match escape(rest, at)? {
+            Escape::Unreserved(c) => out.push(c),
+            Escape::Kept { byte, .. } => {
+                out.extend_from_slice(&[b'%', HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]]);
             }
-            i += 3;
-        } else {
-            // `scan` accepted the path, so every raw byte is printable ASCII.
-            out.push(char::from(b));
-            i += 1;
         }
+        rest = rest.get(at + 3..).unwrap_or_default();
     }
+    out.extend_from_slice(rest);
     Ok(())
 }
 
@@ -269,7 +289,7 @@ impl Utf8 {
         self.need > 0
     }
 
-    /// Feeds one non-ASCII-or-ASCII decoded byte; `false` when the sequence is invalid.
+    /// Feeds one decoded byte; `false` when the sequence is invalid.
     fn feed(&mut self, b: u8) -> bool {
         if self.need > 0 {
             if b < self.lo || b > self.hi {

@@ -223,6 +223,9 @@ pub fn http_url(s: &str) -> Result<(), String> {
 /// (no `.`/`..` segments, no empty segments, no query or fragment, no percent-escapes of
 /// unreserved characters). Templates are checked by the route module.
 pub fn route_path(s: &str) -> Result<(), String> {
+    if s.len() > crate::path::MAX_PATH_LEN {
+        return Err(format!("path is {} bytes long; the limit is {}", s.len(), crate::path::MAX_PATH_LEN));
+    }
     if !s.starts_with('/') {
         return Err(format!("path {s:?} must start with '/'"));
     }

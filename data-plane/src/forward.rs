@@ -1,0 +1,629 @@
+//! Forwarding to upstreams: one pooled HTTP client per proxy (HTTP/1.1, and HTTP/2 with prior
+//! knowledge for upstreams that set `http2`), built once and kept across config versions; the
+//! attempt loop (endpoint choice, passive health, retries, deadlines); the request body limit;
+//! hop-by-hop header removal; the `X-Forwarded-*`/`Forwarded` headers; and the byte tunnel of an
+//! accepted `Upgrade`.
+//!
+//! Retries happen only when nothing reached the upstream: an idempotent method (GET, HEAD,
+//! OPTIONS, PUT, DELETE), no request body, a *connect* failure, and another endpoint to try; at
+//! most two. Connect refused/unreachable is 502, a connect or request deadline is 504.
+//!
+//! What it must not do: buffer bodies (both directions stream), forward hop-by-hop headers,
+//! leak an upstream error to the client (errors become a [`Denial`]; the detail goes to the log),
+//! or speak TLS to upstreams yet: an upstream with `tls` enabled is answered 502
+//! `upstream_tls_unsupported` and logged.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_shared::model::Upstream;
+use smallvec::SmallVec;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::denial::{self, Denial, Reason};
+use crate::upstream::{ConnectTimeouts, UpstreamState};
+
+/// At most this many retries after the first attempt.
+pub const MAX_RETRIES: usize = 2;
+
+// ------------------------------------------------------------------ request body
+
+/// Why the request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("reading the request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+/// The client's request body on its way upstream, streamed, with a byte limit: the frame that
+/// crosses it ends the body with [`BodyError::TooLarge`].
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    seen: u64,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64) -> RequestBody {
+        RequestBody { inner: Some(inner), limit, seen: 0 }
+    }
+
+    /// No body (used for retries, which only happen for requests without one).
+    pub fn empty() -> RequestBody {
+        RequestBody { inner: None, limit: 0, seen: 0 }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen = this.seen.saturating_add(data.len() as u64);
+                    if this.seen > this.limit {
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(BodyError::Client(e))))
+            }
+            None => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+// ------------------------------------------------------------------ connector
+
+/// Why a connection to an endpoint could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    TimedOut(Duration),
+    #[error("connect failed: {0}")]
+    Failed(#[source] Box<dyn StdError + Send + Sync>),
+}
+
+/// `HttpConnector` with a per-endpoint connect timeout (an upstream's `connect_timeout`),
+/// looked up once per new connection.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    http: HttpConnector,
+    timeouts: Arc<ConnectTimeouts>,
+}
+
+impl Connector {
+    pub fn new(timeouts: Arc<ConnectTimeouts>) -> Connector {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.set_connect_timeout(None); // ours, per endpoint, below
+        Connector { http, timeouts }
+    }
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, ConnectError>> + Send>>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(|e| ConnectError::Failed(e.into()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Connecting {
+        let timeout = self.timeouts.get(uri.authority().map_or("", |a| a.as_str()));
+        let connecting = tower_service::Service::<Uri>::call(&mut self.http, uri);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(io)) => Ok(io),
+                Ok(Err(e)) => Err(ConnectError::Failed(e.into())),
+                Err(_) => Err(ConnectError::TimedOut(timeout)),
+            }
+        })
+    }
+}
+
+// ------------------------------------------------------------------ client
+
+/// What the request looks like once the pipeline is done with it.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub method: Method,
+    /// The normalized, rewritten path with the original query.
+    pub path_and_query: PathAndQuery,
+    pub headers: HeaderMap,
+    pub body: RequestBody,
+}
+
+/// The upstream clients: one pool for HTTP/1.1, one for HTTP/2 prior knowledge.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    h1: Client<Connector, RequestBody>,
+    h2: Client<Connector, RequestBody>,
+}
+
+impl Forwarder {
+    pub fn new(timeouts: Arc<ConnectTimeouts>) -> Forwarder {
+        let connector = Connector::new(timeouts);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .set_host(false); // the pipeline sets Host to the client's
+        let h1 = builder.build(connector.clone());
+        builder.http2_only(true);
+        let h2 = builder.build(connector);
+        Forwarder { h1, h2 }
+    }
+
+    /// Sends `out` to one of `upstream`'s endpoints, retrying on another endpoint only when a
+    /// connect failed for a retryable request, and gives up at `deadline`.
+    pub async fn send(
+        &self,
+        upstream: &Upstream,
+        state: &UpstreamState,
+        deadline: tokio::time::Instant,
+        out: Outgoing,
+    ) -> Result<Response<Incoming>, Denial> {
+        if upstream.tls.is_some() {
+            warn!(upstream.name = %upstream.name, "upstream TLS not supported yet");
+            state.metrics.record_error(Reason::UpstreamTlsUnsupported);
+            return Err(Denial::BadGateway(denial::BadGateway::TlsUnsupported));
+        }
+        let Outgoing { method, path_and_query, mut headers, body } = out;
+        let retryable = is_idempotent(&method) && body.is_end_stream() && state.endpoints.len() > 1;
+        let (client, version) = if upstream.http2 { (&self.h2, Version::HTTP_2) } else { (&self.h1, Version::HTTP_11) };
+        let mut body = Some(body);
+        let mut tried: SmallVec<[usize; MAX_RETRIES + 1]> = SmallVec::new();
+        let mut outcome = Denial::BadGateway(denial::BadGateway::ConnectFailed);
+        for attempt in 0..=MAX_RETRIES {
+            let Some(i) = state.pick(upstream.load_balancing, &tried) else { break };
+            tried.push(i);
+            let last = !retryable || attempt == MAX_RETRIES || tried.len() == state.endpoints.len();
+            let endpoint = &state.endpoints[i];
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(endpoint.authority.clone());
+            parts.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(parts) else { break };
+            let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = uri;
+            *request.version_mut() = version;
+            *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
+
+            let _in_flight = state.start(i);
+            let result = match tokio::time::timeout_at(deadline, client.request(request)).await {
+                Err(_) => {
+                    debug!(upstream.name = %state.name, upstream.endpoint = %endpoint.authority, "upstream request timed out");
+                    state.metrics.record_error(Reason::UpstreamTimeout);
+                    return Err(Denial::GatewayTimeout(denial::Timeout::Request));
+                }
+                Ok(result) => result,
+            };
+            let error = match result {
+                Ok(response) => {
+                    state.report_success(i);
+                    return Ok(response);
+                }
+                Err(e) => e,
+            };
+            let failure = classify(&error);
+            debug!(
+                upstream.name = %state.name,
+                upstream.endpoint = %endpoint.authority,
+                attempt,
+                error = %ErrorChain(&error),
+                "upstream attempt failed"
+            );
+            let denial = match failure {
+                Failure::BodyTooLarge => return Err(Denial::PayloadTooLarge),
+                // The client went away mid-body; not the endpoint's fault.
+                Failure::ClientBody => return Err(Denial::BadGateway(denial::BadGateway::Reset)),
+                Failure::ConnectTimeout => Denial::GatewayTimeout(denial::Timeout::Connect),
+                Failure::Connect => Denial::BadGateway(denial::BadGateway::ConnectFailed),
+                Failure::Reset => Denial::BadGateway(denial::BadGateway::Reset),
+            };
+            state.metrics.record_error(denial.reason_code());
+            if state.report_failure(i, upstream) {
+                warn!(
+                    upstream.name = %state.name,
+                    upstream.endpoint = %endpoint.authority,
+                    ejection_time = ?upstream.health.ejection_time,
+                    "endpoint ejected after consecutive failures"
+                );
+            }
+            if !matches!(failure, Failure::Connect | Failure::ConnectTimeout) || last {
+                return Err(denial);
+            }
+            outcome = denial;
+        }
+        Err(outcome)
+    }
+}
+
+/// GET, HEAD, OPTIONS, PUT, DELETE: safe to send twice when the first never arrived.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    BodyTooLarge,
+    ClientBody,
+    Connect,
+    ConnectTimeout,
+    Reset,
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(s) = source {
+        if let Some(b) = s.downcast_ref::<BodyError>() {
+            return match b {
+                BodyError::TooLarge { .. } => Failure::BodyTooLarge,
+                BodyError::Client(_) => Failure::ClientBody,
+            };
+        }
+        if let Some(ConnectError::TimedOut(_)) = s.downcast_ref::<ConnectError>() {
+            return Failure::ConnectTimeout;
+        }
+        source = s.source();
+    }
+    if e.is_connect() { Failure::Connect } else { Failure::Reset }
+}
+
+/// Displays an error with its sources, for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn StdError + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------ headers
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Whether `headers` ask to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
+/// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, and `Upgrade` unless
+/// `keep_upgrade` (a protocol switch being forwarded, which keeps `Connection: upgrade`).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+        let (_, values) = entry.remove_entry_mult();
+        let values: SmallVec<[HeaderValue; 2]> = values.collect();
+        for token in values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+            let token = token.trim();
+            if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
+                continue;
+            }
+            headers.remove(token);
+        }
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// What the proxy knows about where a request came from.
+#[derive(Debug)]
+pub struct Origin<'a> {
+    /// The client as resolved through trusted proxies.
+    pub client: IpAddr,
+    /// The socket peer.
+    pub peer: IpAddr,
+    pub peer_trusted: bool,
+    /// The `X-Forwarded-For` to send (the trusted chain plus the peer, or just the peer).
+    pub xff: HeaderValue,
+    pub tls: bool,
+    /// The host the client asked for, port included.
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded` and `Host`. From an untrusted peer
+/// every incoming forwarding header is replaced; from a trusted one `X-Forwarded-Proto`/`-Host`
+/// are kept and our `Forwarded` element is appended.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, origin: &Origin<'_>) {
+    let proto = if origin.tls { "https" } else { "http" };
+    let host = origin.host.and_then(|h| h.to_str().ok());
+    headers.insert(&X_FORWARDED_FOR, origin.xff.clone());
+    if !origin.peer_trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if let Some(h) = origin.host {
+        if !origin.peer_trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(&X_FORWARDED_HOST, h.clone());
+        }
+        headers.insert(header::HOST, h.clone());
+    }
+    let mut forwarded = String::with_capacity(64);
+    let existing: SmallVec<[HeaderValue; 1]> = match headers.entry(header::FORWARDED) {
+        header::Entry::Occupied(e) if origin.peer_trusted => e.remove_entry_mult().1.collect(),
+        header::Entry::Occupied(e) => {
+            e.remove();
+            SmallVec::new()
+        }
+        header::Entry::Vacant(_) => SmallVec::new(),
+    };
+    for v in existing.iter().filter_map(|v| v.to_str().ok()) {
+        forwarded.push_str(v);
+        forwarded.push_str(", ");
+    }
+    // Appended to a trusted chain, the element names the peer (the node that connected to
+    // us, RFC 7239 §5.2); as the only element, the resolved client.
+    let for_ip = if existing.is_empty() { origin.client } else { origin.peer };
+    forwarded_element(&mut forwarded, for_ip, proto, host);
+    if let Ok(v) = HeaderValue::try_from(forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// Appends one RFC 7239 element: `for=…;proto=…;host=…`, IPv6 quoted and bracketed, a host
+/// that is not a token (a port's `:`) quoted.
+pub fn forwarded_element(out: &mut String, for_ip: IpAddr, proto: &str, host: Option<&str>) {
+    use std::fmt::Write as _;
+    out.push_str("for=");
+    let _ = match for_ip {
+        IpAddr::V4(ip) => write!(out, "{ip}"),
+        IpAddr::V6(ip) => write!(out, "\"[{ip}]\""),
+    };
+    out.push_str(";proto=");
+    out.push_str(proto);
+    if let Some(host) = host {
+        out.push_str(";host=");
+        if !host.is_empty() && host.bytes().all(is_tchar) {
+            out.push_str(host);
+        } else {
+            out.push('"');
+            for c in host.chars() {
+                if c == '"' || c == '\\' {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+            out.push('"');
+        }
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+// ------------------------------------------------------------------ upgrades
+
+/// Once both sides have switched protocols, copies bytes both ways until either closes.
+pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, route: Arc<str>) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    Ok((up, down)) => {
+                        debug!(route.name = %route, bytes.up = up, bytes.down = down, "upgraded connection closed")
+                    }
+                    Err(e) => debug!(route.name = %route, error = %e, "upgraded connection failed"),
+                }
+            }
+            Err(e) => debug!(route.name = %route, error = %e, "protocol switch failed"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = h.iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap())).collect();
+        v.sort();
+        v
+    }
+
+    fn check_hop(input: &[(&str, &str)], keep_upgrade: bool, expected: &[&str]) {
+        let mut h = headers(input);
+        remove_hop_by_hop(&mut h, keep_upgrade);
+        assert_eq!(names(&h), expected, "{input:?}");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        check_hop(
+            &[
+                ("connection", "keep-alive, X-Secret"),
+                ("connection", "x-other"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("te", "trailers"),
+                ("trailer", "x-t"),
+                ("transfer-encoding", "chunked"),
+                ("upgrade", "websocket"),
+                ("x-secret", "1"),
+                ("x-other", "2"),
+                ("x-kept", "3"),
+                ("accept", "*/*"),
+            ],
+            false,
+            &["accept: */*", "x-kept: 3"],
+        );
+        check_hop(&[("x-kept", "3")], false, &["x-kept: 3"]);
+        check_hop(&[("connection", " , ,")], false, &[]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_connection_upgrade_only() {
+        check_hop(
+            &[("connection", "Upgrade, x-hop"), ("upgrade", "websocket"), ("x-hop", "1"), ("sec-websocket-key", "k")],
+            true,
+            &["connection: upgrade", "sec-websocket-key: k", "upgrade: websocket"],
+        );
+        assert!(is_upgrade(&headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])));
+        assert!(!is_upgrade(&headers(&[("connection", "keep-alive"), ("upgrade", "websocket")])));
+        assert!(!is_upgrade(&headers(&[("connection", "upgrade")])));
+    }
+
+    fn check_forwarded(for_ip: &str, proto: &str, host: Option<&str>, expected: &str) {
+        let mut out = String::new();
+        forwarded_element(&mut out, for_ip.parse().unwrap(), proto, host);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn forwarded_elements_follow_rfc_7239() {
+        check_forwarded("192.0.2.60", "http", Some("example.com"), "for=192.0.2.60;proto=http;host=example.com");
+        check_forwarded(
+            "2001:db8::1",
+            "https",
+            Some("example.com"),
+            r#"for="[2001:db8::1]";proto=https;host=example.com"#,
+        );
+        check_forwarded(
+            "192.0.2.60",
+            "http",
+            Some("example.com:8080"),
+            r#"for=192.0.2.60;proto=http;host="example.com:8080""#,
+        );
+        check_forwarded("192.0.2.60", "http", Some("[::1]:80"), r#"for=192.0.2.60;proto=http;host="[::1]:80""#);
+        check_forwarded("192.0.2.60", "http", None, "for=192.0.2.60;proto=http");
+    }
+
+    fn check_origin(trusted: bool, incoming: &[(&str, &str)], expected: &[&str]) {
+        let mut h = headers(incoming);
+        let host = HeaderValue::from_static("api.example.com");
+        let origin = Origin {
+            client: "203.0.113.7".parse().unwrap(),
+            peer: "10.0.0.2".parse().unwrap(),
+            peer_trusted: trusted,
+            xff: HeaderValue::from_static("203.0.113.7, 10.0.0.2"),
+            tls: true,
+            host: Some(&host),
+        };
+        set_forwarding_headers(&mut h, &origin);
+        assert_eq!(names(&h), expected);
+    }
+
+    #[test]
+    fn forwarding_headers_from_untrusted_and_trusted_peers() {
+        let replaced = [
+            "forwarded: for=203.0.113.7;proto=https;host=api.example.com",
+            "host: api.example.com",
+            "x-forwarded-for: 203.0.113.7, 10.0.0.2",
+            "x-forwarded-host: api.example.com",
+            "x-forwarded-proto: https",
+        ];
+        let spoofed = [
+            ("forwarded", "for=1.1.1.1"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "evil"),
+            ("x-forwarded-for", "1.1.1.1"),
+        ];
+        check_origin(false, &spoofed, &replaced);
+        check_origin(false, &[], &replaced);
+        check_origin(
+            true,
+            &spoofed,
+            &[
+                "forwarded: for=1.1.1.1, for=10.0.0.2;proto=https;host=api.example.com",
+                "host: api.example.com",
+                "x-forwarded-for: 203.0.113.7, 10.0.0.2",
+                "x-forwarded-host: evil",
+                "x-forwarded-proto: http",
+            ],
+        );
+        check_origin(true, &[], &replaced);
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        for (m, expected) in [
+            (Method::GET, true),
+            (Method::HEAD, true),
+            (Method::OPTIONS, true),
+            (Method::PUT, true),
+            (Method::DELETE, true),
+            (Method::POST, false),
+            (Method::PATCH, false),
+        ] {
+            assert_eq!(is_idempotent(&m), expected, "{m}");
+        }
+    }
+}
