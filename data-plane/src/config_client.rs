@@ -148,28 +148,26 @@ impl ConfigClient {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let span = info_span!("config_stream", proxy.id = %self.options.proxy_id, config.version = self.version);
-        async move {
-            let endpoints = self.options.endpoints.clone();
-            if endpoints.is_empty() {
-                error!("no control-plane endpoints configured; serving what is held, without updates");
-                return;
+        let endpoints = self.options.endpoints.clone();
+        if endpoints.is_empty() {
+            error!(proxy.id = %self.options.proxy_id, "no control-plane endpoints configured; serving what is held, without updates");
+            return;
+        }
+        let mut backoff = Backoff::new();
+        for endpoint in endpoints.iter().cycle() {
+            // One span per connection, with the version it started from: events carry the
+            // current version (re-recording a span field would append to it forever).
+            let span = info_span!("config_stream", proxy.id = %self.options.proxy_id, config.version = self.version);
+            match self.session(endpoint, &mut backoff, &shutdown).instrument(span.clone()).await {
+                Ok(()) => return,
+                Err(e) => span.in_scope(|| warn!(endpoint = %endpoint, error = %e, "config stream lost; reconnecting")),
             }
-            let mut backoff = Backoff::new();
-            for endpoint in endpoints.iter().cycle() {
-                match self.session(endpoint, &mut backoff, &shutdown).await {
-                    Ok(()) => return,
-                    Err(e) => warn!(endpoint = %endpoint, error = %e, "config stream lost; reconnecting"),
-                }
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
-        .instrument(span)
-        .await;
     }
 
     /// One connection: hello, then apply and (N)ACK each response. `Ok` only on shutdown.
@@ -258,7 +256,10 @@ impl ConfigClient {
         let resources = std::mem::take(&mut self.resources);
         let cache_dir = self.options.cache_dir.clone();
         let reject = self.reject_for_test.clone();
-        let task = tokio::task::spawn_blocking(move || apply(resources, response, cache_dir.as_deref(), reject));
+        let previous = self.snapshots.load_full();
+        let task = tokio::task::spawn_blocking(move || {
+            apply(resources, response, cache_dir.as_deref(), reject, previous.as_deref())
+        });
         let applied = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             r = task => r,
@@ -285,7 +286,6 @@ impl ConfigClient {
                     tokio::task::spawn_blocking(move || drop(previous));
                 }
                 self.version = version;
-                tracing::Span::current().record("config.version", version);
                 info!(
                     config.version = version,
                     full,
@@ -327,6 +327,7 @@ fn apply(
     response: ConfigResponse,
     cache_dir: Option<&std::path::Path>,
     reject: Option<RejectHook>,
+    previous: Option<&Snapshot>,
 ) -> Applied {
     let version = response.version;
     let undo = match change(&mut resources, response) {
@@ -341,7 +342,7 @@ fn apply(
     };
     let outcome = match reject.and_then(|f| f(&resources)) {
         Some(reason) => Err(format!("config version {version} rejected: {reason}")),
-        None => snapshot::compile(version, &resources).map_err(|e| e.to_string()),
+        None => snapshot::compile_from(version, &resources, previous).map_err(|e| e.to_string()),
     };
     match outcome {
         Ok(snapshot) => {
@@ -511,18 +512,18 @@ mod tests {
     fn a_version_that_does_not_compile_leaves_the_map_as_it_was() {
         let map = lkg::resource_map(vec![upstream("a", "127.0.0.1:1")]).unwrap();
         let bad = delta(6, 5, vec![upstream("b", "not an endpoint")], &["a"]);
-        let applied = apply(map.clone(), bad, None, None);
+        let applied = apply(map.clone(), bad, None, None, None);
         assert_eq!(applied.resources, map);
         assert!(applied.outcome.unwrap_err().starts_with("config version 6 rejected: upstream b"));
 
         let good = delta(6, 5, vec![upstream("b", "127.0.0.1:2")], &[]);
         let reject: RejectHook = Arc::new(|m: &ResourceMap| m.contains_key(&key("b")).then(|| "no b here".to_owned()));
-        let applied = apply(map.clone(), good.clone(), None, Some(reject));
+        let applied = apply(map.clone(), good.clone(), None, Some(reject), None);
         assert_eq!(applied.resources, map);
         assert_eq!(applied.outcome.unwrap_err(), "config version 6 rejected: no b here");
 
         let dir = tempfile::tempdir().unwrap();
-        let applied = apply(map.clone(), good, Some(dir.path()), None);
+        let applied = apply(map.clone(), good, Some(dir.path()), None, None);
         assert_eq!(applied.outcome.unwrap().version, 6);
         assert!(applied.persist_error.is_none());
         assert_eq!(lkg::load(dir.path()).unwrap().unwrap(), (6, applied.resources));

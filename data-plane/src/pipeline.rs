@@ -350,7 +350,7 @@ impl RequestCtx {
     }
 
     fn compiled(&self) -> Option<&CompiledRoute> {
-        self.snapshot.as_ref()?.routes.get(self.route?)
+        self.snapshot.as_ref()?.routes.get(self.route?).map(Arc::as_ref)
     }
 }
 
