@@ -28,8 +28,10 @@ use crate::store::{AnyStore, CommitError, Entry, Expect, Listing, Op, Store, Sto
 
 /// How long a writer waits for the index to catch up with the store before giving up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts of one write when other writers keep winning the race.
-const WRITE_ATTEMPTS: usize = 8;
+/// Attempts of one write when other writers keep winning the race. Replicas writing flat out
+/// at the same time can starve each other for a few rounds; a jittered pause after each lost
+/// race breaks the lockstep.
+const WRITE_ATTEMPTS: usize = 32;
 
 // ---------------------------------------------------------------- codec
 
@@ -569,6 +571,7 @@ impl ConfigState {
                     debug!(attempt, guard = plan.guard, current_revision, "write lost a race; re-validating");
                     // Someone committed after our guard: their batch reaches the index soon.
                     self.wait_for(|r| r > plan.guard).await?;
+                    tokio::time::sleep(retry_jitter(attempt)).await;
                 }
                 Err(CommitError::Store(e)) => return Err(e.into()),
                 Err(CommitError::Invalid(m)) => return Err(StateError::Internal(m)),
@@ -586,6 +589,14 @@ impl ConfigState {
             ))),
         }
     }
+}
+
+/// Up to `attempt` ms (capped at 20), from the clock's nanoseconds: enough to desynchronize
+/// competing writers without a random-number dependency.
+fn retry_jitter(attempt: usize) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let cap_us = (attempt as u64 + 1).min(20) * 1000;
+    Duration::from_micros(u64::from(nanos) % cap_us)
 }
 
 /// Keeps the index in step with the store: watch from R+1; re-list on compaction or a lost

@@ -5,9 +5,11 @@
 //! This crate does no I/O and holds no global state: it is used by the control plane to reject
 //! bad input, by proxies to compile snapshots, and by tools to read operators' files.
 
+pub mod claims;
 pub mod config;
 pub mod document;
 pub mod duration;
+pub mod jwt;
 pub mod kind;
 pub mod model;
 pub mod path;
