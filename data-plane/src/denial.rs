@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
+use portcullis_shared::claims::ClaimDenial;
+use portcullis_shared::jwt::JwtError;
 use portcullis_shared::path::PathError;
 
 use crate::router::MethodSet;
@@ -35,6 +37,24 @@ pub enum Reason {
     MethodNotAllowed,
     TokenMissing,
     TokenUnverified,
+    TokenMalformed,
+    TokenAlgNone,
+    TokenAlgNotAllowed,
+    TokenAlgKeyMismatch,
+    TokenHeaderKeyForbidden,
+    TokenCritUnsupported,
+    TokenTypInvalid,
+    TokenKidUnknown,
+    TokenSignatureInvalid,
+    TokenExpired,
+    TokenNotYetValid,
+    TokenTooOld,
+    TokenIssuerMismatch,
+    TokenAudienceMismatch,
+    TokenClaimInvalid,
+    ScopeMissing,
+    ClaimMissing,
+    ClaimMismatch,
     IpDenied,
     IpNotAllowed,
     BodyTooLarge,
@@ -49,7 +69,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 44] = [
         Reason::PathNotAbsolute,
         Reason::PathTooLong,
         Reason::PathEncodedSlash,
@@ -65,6 +85,24 @@ impl Reason {
         Reason::MethodNotAllowed,
         Reason::TokenMissing,
         Reason::TokenUnverified,
+        Reason::TokenMalformed,
+        Reason::TokenAlgNone,
+        Reason::TokenAlgNotAllowed,
+        Reason::TokenAlgKeyMismatch,
+        Reason::TokenHeaderKeyForbidden,
+        Reason::TokenCritUnsupported,
+        Reason::TokenTypInvalid,
+        Reason::TokenKidUnknown,
+        Reason::TokenSignatureInvalid,
+        Reason::TokenExpired,
+        Reason::TokenNotYetValid,
+        Reason::TokenTooOld,
+        Reason::TokenIssuerMismatch,
+        Reason::TokenAudienceMismatch,
+        Reason::TokenClaimInvalid,
+        Reason::ScopeMissing,
+        Reason::ClaimMissing,
+        Reason::ClaimMismatch,
         Reason::IpDenied,
         Reason::IpNotAllowed,
         Reason::BodyTooLarge,
@@ -96,6 +134,24 @@ impl Reason {
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::TokenMissing => "token_missing",
             Reason::TokenUnverified => "token_unverified",
+            Reason::TokenMalformed => "token_malformed",
+            Reason::TokenAlgNone => "token_alg_none",
+            Reason::TokenAlgNotAllowed => "token_alg_not_allowed",
+            Reason::TokenAlgKeyMismatch => "token_alg_key_mismatch",
+            Reason::TokenHeaderKeyForbidden => "token_header_key_forbidden",
+            Reason::TokenCritUnsupported => "token_crit_unsupported",
+            Reason::TokenTypInvalid => "token_typ_invalid",
+            Reason::TokenKidUnknown => "token_kid_unknown",
+            Reason::TokenSignatureInvalid => "token_signature_invalid",
+            Reason::TokenExpired => "token_expired",
+            Reason::TokenNotYetValid => "token_not_yet_valid",
+            Reason::TokenTooOld => "token_too_old",
+            Reason::TokenIssuerMismatch => "token_issuer_mismatch",
+            Reason::TokenAudienceMismatch => "token_audience_mismatch",
+            Reason::TokenClaimInvalid => "token_claim_invalid",
+            Reason::ScopeMissing => "scope_missing",
+            Reason::ClaimMissing => "claim_missing",
+            Reason::ClaimMismatch => "claim_mismatch",
             Reason::IpDenied => "ip_denied",
             Reason::IpNotAllowed => "ip_not_allowed",
             Reason::BodyTooLarge => "body_too_large",
@@ -126,8 +182,28 @@ impl Reason {
             | Reason::PathInvalidCharacter => StatusCode::BAD_REQUEST,
             Reason::RouteNotFound => StatusCode::NOT_FOUND,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Reason::TokenMissing | Reason::TokenUnverified => StatusCode::UNAUTHORIZED,
-            Reason::IpDenied | Reason::IpNotAllowed => StatusCode::FORBIDDEN,
+            Reason::TokenMissing
+            | Reason::TokenUnverified
+            | Reason::TokenMalformed
+            | Reason::TokenAlgNone
+            | Reason::TokenAlgNotAllowed
+            | Reason::TokenAlgKeyMismatch
+            | Reason::TokenHeaderKeyForbidden
+            | Reason::TokenCritUnsupported
+            | Reason::TokenTypInvalid
+            | Reason::TokenKidUnknown
+            | Reason::TokenSignatureInvalid
+            | Reason::TokenExpired
+            | Reason::TokenNotYetValid
+            | Reason::TokenTooOld
+            | Reason::TokenIssuerMismatch
+            | Reason::TokenAudienceMismatch
+            | Reason::TokenClaimInvalid => StatusCode::UNAUTHORIZED,
+            Reason::IpDenied
+            | Reason::IpNotAllowed
+            | Reason::ScopeMissing
+            | Reason::ClaimMissing
+            | Reason::ClaimMismatch => StatusCode::FORBIDDEN,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::UpstreamConnectFailed | Reason::UpstreamReset | Reason::UpstreamTlsUnsupported => {
@@ -172,6 +248,25 @@ impl Reason {
             Reason::MethodNotAllowed => "the route does not allow this method",
             Reason::TokenMissing => "a bearer token is required",
             Reason::TokenUnverified => "the bearer token could not be verified",
+            // Like JwtError::description: no key, claim or check is named; only expiry is told apart.
+            Reason::TokenExpired => "the access token expired",
+            Reason::TokenMalformed
+            | Reason::TokenAlgNone
+            | Reason::TokenAlgNotAllowed
+            | Reason::TokenAlgKeyMismatch
+            | Reason::TokenHeaderKeyForbidden
+            | Reason::TokenCritUnsupported
+            | Reason::TokenTypInvalid
+            | Reason::TokenKidUnknown
+            | Reason::TokenSignatureInvalid
+            | Reason::TokenNotYetValid
+            | Reason::TokenTooOld
+            | Reason::TokenIssuerMismatch
+            | Reason::TokenAudienceMismatch
+            | Reason::TokenClaimInvalid => "the access token is invalid",
+            Reason::ScopeMissing | Reason::ClaimMissing | Reason::ClaimMismatch => {
+                "the access token does not grant access to this resource"
+            }
             Reason::IpDenied => "the client address is denied",
             Reason::IpNotAllowed => "the client address is not allowed",
             Reason::BodyTooLarge => "the request body is larger than the limit",
@@ -186,13 +281,45 @@ impl Reason {
     }
 }
 
-/// Why authentication failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why authentication failed (401).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AuthFailure {
-    /// No `Authorization` header on a route that requires a token.
+    /// No bearer token (no `Authorization` header, or another scheme) on a route that requires
+    /// one: the challenge carries no `error` (RFC 6750 §3.1).
     Missing,
-    /// A token was sent but could not be verified (until the JWT stage lands, every token).
+    /// A token the proxy cannot verify yet: the policy accepts opaque tokens only, and token
+    /// introspection is not implemented in the proxy.
     Unverified,
+    /// A token that failed verification; the challenge says `error="invalid_token"` with the
+    /// error's client-safe [`JwtError::description`]. Never [`JwtError::Missing`].
+    Invalid(JwtError),
+}
+
+impl AuthFailure {
+    fn reason(&self) -> Reason {
+        match self {
+            AuthFailure::Missing => Reason::TokenMissing,
+            AuthFailure::Unverified => Reason::TokenUnverified,
+            AuthFailure::Invalid(e) => match e {
+                JwtError::Missing => Reason::TokenMissing,
+                JwtError::Malformed(_) => Reason::TokenMalformed,
+                JwtError::AlgNone => Reason::TokenAlgNone,
+                JwtError::AlgNotAllowed => Reason::TokenAlgNotAllowed,
+                JwtError::AlgKeyMismatch => Reason::TokenAlgKeyMismatch,
+                JwtError::HeaderKeyForbidden(_) => Reason::TokenHeaderKeyForbidden,
+                JwtError::CritUnsupported => Reason::TokenCritUnsupported,
+                JwtError::TypInvalid => Reason::TokenTypInvalid,
+                JwtError::KidUnknown { .. } => Reason::TokenKidUnknown,
+                JwtError::SignatureInvalid => Reason::TokenSignatureInvalid,
+                JwtError::Expired => Reason::TokenExpired,
+                JwtError::NotYetValid => Reason::TokenNotYetValid,
+                JwtError::TooOld => Reason::TokenTooOld,
+                JwtError::IssuerMismatch => Reason::TokenIssuerMismatch,
+                JwtError::AudienceMismatch => Reason::TokenAudienceMismatch,
+                JwtError::ClaimInvalid(_) => Reason::TokenClaimInvalid,
+            },
+        }
+    }
 }
 
 /// Why the client address was refused.
@@ -234,6 +361,9 @@ pub enum Denial {
     },
     Unauthorized(AuthFailure),
     Forbidden(Forbidden),
+    /// A verified token that does not satisfy the policy's scopes or claim rules (403,
+    /// `error="insufficient_scope"`).
+    InsufficientScope(ClaimDenial),
     PayloadTooLarge,
     HeadersTooLarge,
     BadGateway(BadGateway),
@@ -248,7 +378,13 @@ pub enum Denial {
 /// The problem body's content type (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";
 const BEARER_CHALLENGE: &str = r#"Bearer realm="portcullis""#;
-const BEARER_INVALID: &str = r#"Bearer realm="portcullis", error="invalid_token""#;
+// The `error_description`s are `JwtError::description()`'s two texts (a unit test checks they
+// stay equal), spelled out so the header is a static value.
+const BEARER_INVALID: &str =
+    r#"Bearer realm="portcullis", error="invalid_token", error_description="the access token is invalid""#;
+const BEARER_EXPIRED: &str =
+    r#"Bearer realm="portcullis", error="invalid_token", error_description="the access token expired""#;
+const BEARER_INSUFFICIENT_SCOPE: &str = r#"Bearer realm="portcullis", error="insufficient_scope""#;
 
 impl Denial {
     pub fn reason_code(&self) -> Reason {
@@ -256,8 +392,12 @@ impl Denial {
             Denial::BadRequest(e) => Reason::of_path(e),
             Denial::NotFound => Reason::RouteNotFound,
             Denial::MethodNotAllowed { .. } => Reason::MethodNotAllowed,
-            Denial::Unauthorized(AuthFailure::Missing) => Reason::TokenMissing,
-            Denial::Unauthorized(AuthFailure::Unverified) => Reason::TokenUnverified,
+            Denial::Unauthorized(failure) => failure.reason(),
+            Denial::InsufficientScope(d) => match d {
+                ClaimDenial::ScopeMissing { .. } => Reason::ScopeMissing,
+                ClaimDenial::ClaimMissing { .. } => Reason::ClaimMissing,
+                ClaimDenial::ClaimMismatch { .. } => Reason::ClaimMismatch,
+            },
             Denial::Forbidden(Forbidden::IpDenied) => Reason::IpDenied,
             Denial::Forbidden(Forbidden::IpNotAllowed) => Reason::IpNotAllowed,
             Denial::PayloadTooLarge => Reason::BodyTooLarge,
@@ -309,11 +449,18 @@ impl Denial {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
-            Denial::Unauthorized(AuthFailure::Missing) => {
+            Denial::Unauthorized(AuthFailure::Missing | AuthFailure::Invalid(JwtError::Missing)) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(BEARER_CHALLENGE));
             }
             Denial::Unauthorized(AuthFailure::Unverified) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(BEARER_INVALID));
+            }
+            Denial::Unauthorized(AuthFailure::Invalid(e)) => {
+                let challenge = if matches!(e, JwtError::Expired) { BEARER_EXPIRED } else { BEARER_INVALID };
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            }
+            Denial::InsufficientScope(_) => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(BEARER_INSUFFICIENT_SCOPE));
             }
             Denial::MethodNotAllowed { allow } => {
                 // Method names only: always a valid header value.
@@ -400,7 +547,25 @@ mod tests {
             Denial::Unauthorized(AuthFailure::Unverified),
             401,
             "token_unverified",
-            Some(("www-authenticate", r#"Bearer realm="portcullis", error="invalid_token""#)),
+            Some(("www-authenticate", BEARER_INVALID)),
+        );
+        check(
+            Denial::Unauthorized(AuthFailure::Invalid(JwtError::SignatureInvalid)),
+            401,
+            "token_signature_invalid",
+            Some(("www-authenticate", BEARER_INVALID)),
+        );
+        check(
+            Denial::Unauthorized(AuthFailure::Invalid(JwtError::Expired)),
+            401,
+            "token_expired",
+            Some(("www-authenticate", BEARER_EXPIRED)),
+        );
+        check(
+            Denial::InsufficientScope(ClaimDenial::ScopeMissing { scope: "orders:write".into() }),
+            403,
+            "scope_missing",
+            Some(("www-authenticate", r#"Bearer realm="portcullis", error="insufficient_scope""#)),
         );
         check(Denial::Forbidden(Forbidden::IpDenied), 403, "ip_denied", None);
         check(Denial::Forbidden(Forbidden::IpNotAllowed), 403, "ip_not_allowed", None);
@@ -413,6 +578,52 @@ mod tests {
         check(Denial::GatewayTimeout(Timeout::Connect), 504, "upstream_connect_timeout", None);
         check(Denial::GatewayTimeout(Timeout::Request), 504, "upstream_timeout", None);
         check(Denial::NotReady, 503, "not_ready", Some(("retry-after", "1")));
+    }
+
+    #[test]
+    fn token_and_claim_reasons_match_the_shared_vocabulary() {
+        for e in [
+            JwtError::Malformed("x"),
+            JwtError::AlgNone,
+            JwtError::AlgNotAllowed,
+            JwtError::AlgKeyMismatch,
+            JwtError::HeaderKeyForbidden("jku"),
+            JwtError::CritUnsupported,
+            JwtError::TypInvalid,
+            JwtError::KidUnknown { kid: Some("k".into()) },
+            JwtError::SignatureInvalid,
+            JwtError::Expired,
+            JwtError::NotYetValid,
+            JwtError::TooOld,
+            JwtError::IssuerMismatch,
+            JwtError::AudienceMismatch,
+            JwtError::ClaimInvalid("exp"),
+        ] {
+            let (reason, description) = (e.reason(), e.description());
+            let d = Denial::Unauthorized(AuthFailure::Invalid(e));
+            assert_eq!(d.reason(), reason);
+            assert_eq!(d.status(), StatusCode::UNAUTHORIZED);
+            let r = d.to_response(None);
+            let challenge = r.headers()[WWW_AUTHENTICATE].to_str().unwrap();
+            assert!(challenge.contains(r#"error="invalid_token""#), "{challenge}");
+            assert!(challenge.ends_with(&format!(r#"error_description="{description}""#)), "{challenge}");
+            assert_eq!(body_of(r)["detail"], description);
+        }
+        let missing = Denial::Unauthorized(AuthFailure::Invalid(JwtError::Missing));
+        assert_eq!(missing.reason(), "token_missing");
+        assert_eq!(missing.to_response(None).headers()[WWW_AUTHENTICATE], BEARER_CHALLENGE);
+        for c in [
+            ClaimDenial::ScopeMissing { scope: "s".into() },
+            ClaimDenial::ClaimMissing { claim: "c".into() },
+            ClaimDenial::ClaimMismatch { claim: "c".into() },
+        ] {
+            let reason = c.reason();
+            let d = Denial::InsufficientScope(c);
+            assert_eq!(d.reason(), reason);
+            assert_eq!(d.status(), StatusCode::FORBIDDEN);
+            let body = body_of(d.to_response(None)).to_string();
+            assert!(!body.contains("\"s\"") && !body.contains("\"c\""), "names no scope or claim: {body}");
+        }
     }
 
     #[test]

@@ -76,6 +76,10 @@ struct Args {
     /// The request body limit of routes that set none, in bytes.
     #[arg(long, env = "PORTCULLIS_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     max_body_bytes: u64,
+    /// How many verified JWTs the process-wide token cache holds (one cache for all routes and
+    /// config versions).
+    #[arg(long, env = "PORTCULLIS_TOKEN_CACHE_SIZE", default_value_t = 100_000)]
+    token_cache_size: usize,
     /// How long a client may take to send its request headers.
     #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     header_read_timeout: Duration,
@@ -197,6 +201,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     let settings = Settings {
         trusted_proxies: args.trusted_proxies.clone(),
         max_body_bytes: args.max_body_bytes,
+        token_cache_size: args.token_cache_size,
         ..Settings::default()
     };
     let pipeline = Arc::new(Pipeline::new(snapshots.clone(), settings, Arc::clone(&metrics)));

@@ -3,9 +3,26 @@
 //! [`Verdict::Deny`]; it never builds a response: [`Denial::to_response`] does, in one place.
 //!
 //! Stages today: request id → config snapshot → client IP → path normalization → route match →
-//! CIDR filter → strip identity headers → authentication (placeholder until JWT verification
-//! lands: `public` passes, `required` is 401, `optional` passes only without an `Authorization`
-//! header — nothing unverified passes) → body limit → rewrite. Then the request goes upstream.
+//! CIDR filter → strip identity headers → authentication → authorization → body limit → rewrite.
+//! Then the request goes upstream.
+//!
+//! Authentication (JWTs): `public` passes. `required` needs a bearer token (none, or another
+//! scheme: 401 with a plain `Bearer` challenge); the token is verified through the proxy's one
+//! [`TokenCache`] against the verifiers of the policy's issuers, chosen by its `iss` (none of
+//! them: `token_issuer_mismatch`); any failure is 401 `invalid_token`. `optional` passes without
+//! a bearer token (anonymously) and verifies one that is sent exactly like `required`. A policy
+//! that accepts opaque tokens only answers 401 `token_unverified` to every token: introspection
+//! is not in the proxy yet. Authorization then runs [`claims::authorize`] on the verified token
+//! (403 `insufficient_scope` on a denial). The `Authorization` header is removed before
+//! forwarding unless the policy has `forward_token` and a token was verified (then the verified
+//! token goes on unchanged); the policy's claim headers (client copies were already stripped)
+//! are set from the verified claims: strings as they are, other values JSON-encoded, `null`,
+//! missing claims and values that are not valid header values left out.
+//!
+//! A `report_only` policy decides the same way but lets a request it would refuse through: the
+//! denial is counted under its reason and logged (`request would be denied`); nothing about the
+//! refused token reaches the upstream (no `Authorization`, no claim headers). Note the request is
+//! then also counted as forwarded.
 //!
 //! What it must not do: load the snapshot more than once per request, hold a lock across an
 //! await, format strings for metric labels, or decide anything from the raw path: everything
@@ -16,7 +33,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, TE};
@@ -27,11 +44,13 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use ipnet::IpNet;
-use portcullis_shared::model::{Authentication, PathRewrite, Policy, Route, Upstream};
+use portcullis_shared::claims;
+use portcullis_shared::jwt::{self, JwtError, TokenCache, VerifiedToken};
+use portcullis_shared::model::{Authentication, PathRewrite, Policy, PolicyMode, Route, TokenKind, Upstream};
 use portcullis_shared::path::{self, PathError};
 use portcullis_shared::{Kind, Violation};
 use smallvec::SmallVec;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::denial::{AuthFailure, Denial, Forbidden};
 use crate::forward::{self, Forwarder, Origin, Outgoing, RequestBody, X_FORWARDED_FOR, X_REQUEST_ID};
@@ -56,6 +75,8 @@ pub struct RoutePlan {
     remove_headers: Vec<HeaderName>,
     /// Headers only the proxy may set (the policy's `strip_headers` and claim headers).
     strip_headers: Vec<HeaderName>,
+    /// The policy's claim headers: (claim, header).
+    claim_headers: Vec<(Box<str>, HeaderName)>,
     /// The route's `limits.timeout`, else the upstream's `request_timeout`.
     pub timeout: Duration,
 }
@@ -85,11 +106,17 @@ impl RoutePlan {
                 strip_headers.push(name("policy", n)?);
             }
         }
+        let claim_headers = policy
+            .claim_headers
+            .iter()
+            .map(|(claim, header)| Ok((claim.as_str().into(), name("policy", header)?)))
+            .collect::<Result<_, _>>()?;
         Ok(RoutePlan {
             name: route.name.as_str().into(),
             set_headers,
             remove_headers,
             strip_headers,
+            claim_headers,
             timeout: route.timeout.unwrap_or(upstream.request_timeout),
         })
     }
@@ -133,6 +160,8 @@ pub struct Settings {
     pub max_body_bytes: u64,
     /// Connect timeout for endpoints no upstream names (should not happen).
     pub default_connect_timeout: Duration,
+    /// How many verified tokens the process-wide token cache holds.
+    pub token_cache_size: usize,
 }
 
 impl Default for Settings {
@@ -141,6 +170,7 @@ impl Default for Settings {
             trusted_proxies: Vec::new(),
             max_body_bytes: 10 * 1024 * 1024,
             default_connect_timeout: Duration::from_secs(5),
+            token_cache_size: 100_000,
         }
     }
 }
@@ -323,6 +353,8 @@ pub struct RequestCtx {
     /// The path and query to send, when not the request's own.
     upstream_path: Option<PathAndQuery>,
     body_limit: u64,
+    /// The verified token (after authentication), if one was sent and passed.
+    token: Option<Arc<VerifiedToken>>,
 }
 
 impl RequestCtx {
@@ -341,6 +373,7 @@ impl RequestCtx {
             route: None,
             upstream_path: None,
             body_limit: 0,
+            token: None,
         }
     }
 
@@ -357,7 +390,7 @@ impl RequestCtx {
 type Stage = fn(&Pipeline, &mut RequestCtx) -> Verdict;
 
 /// The stages, in order, with the names logs use.
-const STAGES: [(&str, Stage); 10] = [
+const STAGES: [(&str, Stage); 11] = [
     ("request_id", Pipeline::request_id),
     ("snapshot", Pipeline::load_snapshot),
     ("client_ip", Pipeline::client_ip),
@@ -366,6 +399,7 @@ const STAGES: [(&str, Stage); 10] = [
     ("ip_filter", Pipeline::ip_filter),
     ("strip_identity_headers", Pipeline::strip_identity_headers),
     ("authenticate", Pipeline::authenticate),
+    ("authorize", Pipeline::authorize),
     ("body_limit", Pipeline::body_limit),
     ("rewrite", Pipeline::rewrite),
 ];
@@ -379,6 +413,8 @@ pub struct Pipeline {
     upstreams: UpstreamRegistry,
     forwarder: Forwarder,
     ids: RequestIds,
+    /// Verified tokens, across config versions (entries of changed issuers or keys are void).
+    tokens: TokenCache,
 }
 
 impl Pipeline {
@@ -389,6 +425,7 @@ impl Pipeline {
             upstreams: UpstreamRegistry::new(Arc::clone(&metrics), Arc::clone(&timeouts)),
             forwarder: Forwarder::new(timeouts),
             metrics,
+            tokens: TokenCache::new(settings.token_cache_size),
             settings,
             ids: RequestIds::default(),
         }
@@ -511,16 +548,94 @@ impl Pipeline {
     }
 
     fn authenticate(&self, ctx: &mut RequestCtx) -> Verdict {
-        let Some(route) = ctx.compiled() else { return Verdict::Deny(Denial::NotFound) };
-        let has_token = ctx.parts.headers.contains_key(AUTHORIZATION);
-        match (&route.policy.authentication, has_token) {
-            (Authentication::Public { .. }, _) | (Authentication::Optional(_), false) => Verdict::Continue,
-            (Authentication::Required(_), false) => Verdict::Deny(Denial::Unauthorized(AuthFailure::Missing)),
-            // No verifier yet: a token that cannot be verified never passes.
-            (Authentication::Required(_) | Authentication::Optional(_), true) => {
-                Verdict::Deny(Denial::Unauthorized(AuthFailure::Unverified))
+        let RequestCtx { snapshot, route, parts, token, .. } = ctx;
+        let Some((snapshot, index)) = snapshot.as_ref().zip(*route) else { return Verdict::Deny(Denial::NotFound) };
+        let Some(compiled) = snapshot.routes.get(index) else { return Verdict::Deny(Denial::NotFound) };
+        let policy = &compiled.policy;
+        let (accepted, required) = match &policy.authentication {
+            Authentication::Public { .. } => return Verdict::Continue,
+            Authentication::Required(a) => (a, true),
+            Authentication::Optional(a) => (a, false),
+        };
+        let header = parts.headers.get(AUTHORIZATION).map(|v| v.to_str().map_err(|_| ()));
+        let outcome = match header {
+            Some(Err(())) => Err(AuthFailure::Invalid(JwtError::Malformed("authorization header is not ascii"))),
+            Some(Ok(v)) => match jwt::bearer_token(Some(v)) {
+                Err(JwtError::Missing) => Err(AuthFailure::Missing),
+                Err(e) => Err(AuthFailure::Invalid(e)),
+                Ok(_) if !accepted.tokens.contains(&TokenKind::Jwt) => Err(AuthFailure::Unverified),
+                Ok(t) => {
+                    let verifiers = snapshot.route_verifiers.get(index).map_or(&[][..], |v| &v[..]);
+                    self.tokens.verify(verifiers, t, SystemTime::now()).map_err(AuthFailure::Invalid)
+                }
+            },
+            None => Err(AuthFailure::Missing),
+        };
+        let keep_authorization = policy.forward_token && outcome.is_ok();
+        if !keep_authorization {
+            parts.headers.remove(AUTHORIZATION);
+        }
+        match outcome {
+            Ok(verified) => {
+                *token = Some(verified);
+                Verdict::Continue
+            }
+            Err(AuthFailure::Missing) if !required => Verdict::Continue,
+            Err(failure) => self.report_only(ctx, "authenticate", Denial::Unauthorized(failure)),
+        }
+    }
+
+    fn authorize(&self, ctx: &mut RequestCtx) -> Verdict {
+        let RequestCtx { snapshot, route, parts, token, .. } = ctx;
+        let Some(token) = token.as_ref() else { return Verdict::Continue };
+        let Some(compiled) = snapshot.as_ref().zip(*route).and_then(|(s, i)| s.routes.get(i)) else {
+            return Verdict::Deny(Denial::NotFound);
+        };
+        if let Err(denial) = claims::authorize(&compiled.policy, token) {
+            parts.headers.remove(AUTHORIZATION);
+            return self.report_only(ctx, "authorize", Denial::InsufficientScope(denial));
+        }
+        for (claim, header) in &compiled.plan.claim_headers {
+            let value = match token.claims.get(&**claim) {
+                None | Some(serde_json::Value::Null) => continue,
+                Some(serde_json::Value::String(s)) => HeaderValue::from_str(s),
+                Some(other) => HeaderValue::try_from(other.to_string()),
+            };
+            match value {
+                Ok(v) => {
+                    parts.headers.insert(header.clone(), v);
+                }
+                Err(_) => {
+                    debug!(route.name = %compiled.route.name, claim = &**claim, "claim is not a valid header value")
+                }
             }
         }
+        Verdict::Continue
+    }
+
+    /// `denial` for an enforcing policy; for a `report_only` one the denial is counted and logged
+    /// and the request goes on.
+    fn report_only(&self, ctx: &mut RequestCtx, stage: &'static str, denial: Denial) -> Verdict {
+        let Some(route) = ctx.compiled() else { return Verdict::Deny(denial) };
+        if route.policy.mode != PolicyMode::ReportOnly {
+            return Verdict::Deny(denial);
+        }
+        self.route_metrics(ctx).record_denied(denial.reason_code(), ctx.start.elapsed());
+        info!(
+            route.name = %route.route.name,
+            stage,
+            reason = denial.reason(),
+            http.method = %ctx.parts.method,
+            http.path = ctx.path(),
+            http.status = denial.status().as_u16(),
+            client.ip = %ctx.client_ip,
+            request.id = ?ctx.request_id,
+            "request would be denied (report-only policy)"
+        );
+        // Nothing from a refused token goes upstream.
+        ctx.token = None;
+        ctx.parts.headers.remove(AUTHORIZATION);
+        Verdict::Continue
     }
 
     fn body_limit(&self, ctx: &mut RequestCtx) -> Verdict {

@@ -7,16 +7,36 @@
 //! that does not convert, or a reference that does not resolve, fails the whole version, which
 //! the config client NACKs while the previous snapshot keeps serving.
 //!
+//! Authentication is compiled here too: one [`Verifier`] per Issuer, its key set built from the
+//! issuer's inline JWKS (`keys.inline`) plus every Key resource naming it (the control plane
+//! streams the keys it fetched from a `jwks_uri` or discovery document as Key resources). Keys are
+//! parsed once, here, never per request. Decisions:
+//! - a key that cannot be used (bad JWK, duplicate kid, a Key resource for a shared-secret issuer)
+//!   is a violation of the whole version (NACK): a half-applied key set would refuse tokens the
+//!   operator expects to pass. Retired keys (`retire_at` ≤ compile time) are left out silently.
+//!   A Key naming an issuer that does not exist is ignored (no verifier uses it).
+//! - an inline JWK without a `kid` gets the synthetic kid `#<index>` (so a single kid-less key
+//!   still verifies kid-less tokens, see [`jwt`]).
+//! - a `shared_secret_file` issuer gets an empty key set: the proxy does not read secret files
+//!   yet, so its tokens are refused with `token_kid_unknown`.
+//! - an issuer with no usable key yet (its JWKS not fetched) is not an error: its tokens are
+//!   refused with `token_kid_unknown` until its keys arrive.
+//!
+//! Each route gets the verifiers of its policy's issuers ([`Snapshot::route_verifiers`]), so the
+//! request path picks them by route index without a lookup.
+//!
 //! State that must outlive a swap (upstream connection pools, rate-limit buckets, token
 //! caches) is not in here: it lives beside the snapshot, keyed by stable identity.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use portcullis_proto::config::v1 as pb;
-use portcullis_shared::model::{self, Resource};
+use portcullis_shared::jwt::{self, KeySet, Verifier};
 use portcullis_shared::kind::ResourceExt;
+use portcullis_shared::model::{self, Resource};
 use portcullis_shared::{Kind, Violation, Violations};
 
 use crate::pipeline::{RouteBindings, RoutePlan};
@@ -56,6 +76,11 @@ pub struct Snapshot {
     pub policies: HashMap<String, Arc<model::Policy>>,
     pub issuers: HashMap<String, Arc<model::Issuer>>,
     pub keys: Vec<model::Key>,
+    /// One verifier per Issuer, by the Issuer resource's name.
+    pub verifiers: HashMap<String, Arc<Verifier>>,
+    /// Indexed like `routes`: the verifiers of the route's policy's issuers, in the policy's
+    /// order (empty for a public policy).
+    pub route_verifiers: Vec<Arc<[Arc<Verifier>]>>,
     pub blocks: Vec<model::Block>,
     /// How many resources the version holds (for `/config`).
     pub resource_count: usize,
@@ -186,6 +211,7 @@ pub fn compile_from(
             }
         }
     }
+    let verifiers = compile_verifiers(&issuers, &keys, SystemTime::now(), &mut violations);
     let mut compiled = kept;
     compiled.reserve(routes.len());
     for (revision, route) in routes {
@@ -194,7 +220,8 @@ pub fn compile_from(
         match (upstream, policy) {
             (Some(upstream), Some(policy)) => match RoutePlan::compile(&route, &upstream, &policy) {
                 Ok(plan) => {
-                    let c = Arc::new(CompiledRoute { route, upstream, policy, plan, bindings: RouteBindings::default() });
+                    let c =
+                        Arc::new(CompiledRoute { route, upstream, policy, plan, bindings: RouteBindings::default() });
                     reuse.routes.insert(c.route.name.clone(), (revision, Arc::clone(&c)));
                     compiled.push(c);
                 }
@@ -215,6 +242,19 @@ pub fn compile_from(
     if !violations.is_empty() {
         return Err(CompileError { version, violations: Violations(violations) });
     }
+    let mut by_policy: HashMap<&str, Arc<[Arc<Verifier>]>> = HashMap::new();
+    let route_verifiers = compiled
+        .iter()
+        .map(|c| {
+            let p = &c.policy;
+            Arc::clone(by_policy.entry(p.name.as_str()).or_insert_with(|| match &p.authentication {
+                model::Authentication::Required(a) | model::Authentication::Optional(a) => {
+                    a.issuers.iter().filter_map(|i| verifiers.get(i).cloned()).collect()
+                }
+                model::Authentication::Public { .. } => Arc::from([]),
+            }))
+        })
+        .collect();
     let table = RouteTable::build(compiled.iter().map(|c| &c.route));
     Ok(Snapshot {
         version,
@@ -224,10 +264,76 @@ pub fn compile_from(
         policies,
         issuers,
         keys,
+        verifiers,
+        route_verifiers,
         blocks,
         resource_count: resources.len(),
         reuse,
     })
+}
+
+/// One verifier per issuer (see the module docs for what makes a key a violation).
+fn compile_verifiers(
+    issuers: &HashMap<String, Arc<model::Issuer>>,
+    keys: &[model::Key],
+    now: SystemTime,
+    violations: &mut Vec<Violation>,
+) -> HashMap<String, Arc<Verifier>> {
+    let mut out = HashMap::with_capacity(issuers.len());
+    for (name, issuer) in issuers {
+        let inline = match &issuer.keys.kind {
+            model::KeySourceKind::Inline(doc) => match inline_keys(issuer, doc) {
+                Ok(k) => k,
+                Err(message) => {
+                    violations.push(Violation {
+                        kind: Kind::Issuer,
+                        name: name.clone(),
+                        field: "keys.inline".into(),
+                        message,
+                    });
+                    continue;
+                }
+            },
+            _ => Vec::new(),
+        };
+        let refs: Vec<&model::Key> = inline.iter().chain(keys.iter().filter(|k| &k.issuer == name)).collect();
+        let (set, errors) = KeySet::from_jwks(issuer, &refs, now);
+        for e in errors {
+            let (kind, name, field) = if inline.iter().any(|k| k.name == e.key) {
+                (Kind::Issuer, e.issuer.clone(), "keys.inline")
+            } else {
+                (Kind::Key, e.key.clone(), "jwk")
+            };
+            violations.push(Violation { kind, name, field: field.into(), message: e.to_string() });
+        }
+        out.insert(name.clone(), Arc::new(Verifier::new(issuer, set)));
+    }
+    out
+}
+
+/// The keys of an inline JWK Set document, as Key resources of `issuer`.
+fn inline_keys(issuer: &model::Issuer, doc: &str) -> Result<Vec<model::Key>, String> {
+    if doc.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let set: serde_json::Value = serde_json::from_str(doc).map_err(|e| format!("not a JWK Set: {e}"))?;
+    let jwks = set.get("keys").and_then(|k| k.as_array()).ok_or("a JWK Set needs a \"keys\" array")?;
+    let mut out = Vec::with_capacity(jwks.len());
+    for (i, jwk) in jwks.iter().enumerate() {
+        let kid = match jwk.get("kid") {
+            None => format!("#{i}"),
+            Some(serde_json::Value::String(k)) if !k.is_empty() && k.len() <= jwt::MAX_KID_LEN => k.clone(),
+            Some(_) => return Err(format!("keys[{i}].kid must be a string of 1 to {} bytes", jwt::MAX_KID_LEN)),
+        };
+        out.push(model::Key {
+            name: format!("{}#inline[{i}]", issuer.name),
+            issuer: issuer.name.clone(),
+            kid,
+            jwk: jwk.clone(),
+            retire_at: None,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

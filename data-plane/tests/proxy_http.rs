@@ -452,7 +452,7 @@ async fn unrouted_wrong_method_unauthenticated_and_denied_ip() {
     assert_eq!(res.headers()["www-authenticate"], r#"Bearer realm="portcullis""#);
     let req = Request::get(h.url("/private/x")).header("authorization", "Bearer abc").body(Full::default()).unwrap();
     let (res, body) = h.send(req).await;
-    check_denied(&h, &res, &body, 401, Reason::TokenUnverified, Some("private"));
+    check_denied(&h, &res, &body, 401, Reason::TokenMalformed, Some("private"));
 
     let (res, body) = h.get("/denied").await;
     check_denied(&h, &res, &body, 403, Reason::IpDenied, Some("denied"));
