@@ -7,5 +7,6 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod keys;
 pub mod state;
 pub mod store;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use portcullis_control_plane::admin;
 use portcullis_control_plane::discovery::{self, BootstrapToken, ProxyRegistry};
+use portcullis_control_plane::keys::{KeyRotation, KeyRotationConfig};
 use portcullis_control_plane::state::ConfigState;
 use portcullis_control_plane::store::{AnyStore, embedded::EmbeddedStore, etcd::EtcdStore};
 use tokio_util::sync::CancellationToken;
@@ -52,8 +53,15 @@ struct Args {
     /// Without it every proxy is refused.
     #[arg(long, env = "PORTCULLIS_BOOTSTRAP_TOKEN_FILE")]
     bootstrap_token_file: Option<PathBuf>,
+    /// How long a key that disappeared from an issuer's JWKS stays valid (e.g. 1h, 30m).
+    #[arg(long, env = "PORTCULLIS_KEY_GRACE", default_value = "1h", value_parser = parse_duration)]
+    key_grace: std::time::Duration,
     #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    portcullis_shared::duration::parse(s).map_err(|e| e.to_string())
 }
 
 fn init_tracing(format: LogFormat) {
@@ -123,6 +131,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the proxy listener to {}", args.proxy_listen))?;
     let registry = Arc::new(ProxyRegistry::new());
+    // Idempotent writes: several replicas may run it side by side (one leader would be better).
+    let rotation =
+        KeyRotation::new(Arc::clone(&state), KeyRotationConfig { grace: args.key_grace, ..Default::default() });
+    let rotation_task = tokio::spawn(rotation.run(shutdown.clone()));
     let admin = async {
         admin::serve(Arc::clone(&state), Arc::clone(&registry), admin_listener, shutdown.clone())
             .await
@@ -136,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
     // If one server fails, the other is stopped too: a half-running control plane helps no one.
     let served = tokio::try_join!(admin, proxies);
     shutdown.cancel();
+    let _ = rotation_task.await;
     served?;
     info!("stopped");
     Ok(())
