@@ -1,0 +1,303 @@
+//! Key rotation end to end: a real control plane (embedded store, and etcd once) runs the
+//! `KeyRotation` task against the test authorization server over real HTTP. Keys appear as Key
+//! resources, follow the server's rotation, are retired after the grace period, survive the
+//! server going down, and bad keys or a lying discovery document never get stored.
+//! Every wait is bounded and driven by the index's revision notifications, not by sleeps.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis_control_plane::keys::{FetchError, KeyRotation, KeyRotationConfig, KeyRotationHandle, RefetchOutcome};
+use portcullis_control_plane::state::{Change, ConfigState};
+use portcullis_proto::config::v1 as pb;
+use portcullis_shared::Kind;
+use portcullis_tests::auth_server::{AuthServer, Endpoint, weak_rsa_jwk};
+use portcullis_tests::control_plane::TestControlPlane;
+use portcullis_tests::etcd::EtcdServer;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+enum Source {
+    Discovery,
+    JwksUri,
+}
+
+fn issuer(name: &str, server: &AuthServer, source: Source, refresh: Option<Duration>) -> pb::Resource {
+    let source = match source {
+        Source::Discovery => pb::key_source::Source::Discovery(server.issuer()),
+        Source::JwksUri => pb::key_source::Source::JwksUri(server.jwks_uri()),
+    };
+    pb::Resource {
+        kind: Some(pb::resource::Kind::Issuer(pb::Issuer {
+            name: name.into(),
+            issuer: server.issuer(),
+            audiences: vec!["api://test".into()],
+            algorithms: vec!["RS256".into(), "ES256".into()],
+            keys: Some(pb::KeySource {
+                source: Some(source),
+                refresh_interval: refresh.map(portcullis_shared::duration::to_proto),
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+async fn put(state: &ConfigState, resource: pb::Resource) {
+    state.write(vec![Change::Upsert { resource: Box::new(resource), expected_revision: 0 }], false).await.unwrap();
+}
+
+/// kid → retiring? for the stored keys of `issuer`.
+fn keys_of(state: &ConfigState, issuer: &str) -> BTreeMap<String, bool> {
+    let idx = state.index();
+    idx.iter(Some(Kind::Key))
+        .filter_map(|e| match &e.resource.kind {
+            Some(pb::resource::Kind::Key(k)) if k.issuer == issuer => Some((k.kid.clone(), k.retire_at.is_some())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits (bounded) until `check` holds, re-checking each time the index moves.
+async fn wait_until(state: &ConfigState, what: &str, mut check: impl FnMut() -> bool) {
+    let mut rx = state.subscribe();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("config state stopped while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+struct Rotation {
+    handle: KeyRotationHandle,
+    stop: CancellationToken,
+}
+
+impl Drop for Rotation {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn start_rotation(state: &Arc<ConfigState>, config: KeyRotationConfig) -> Rotation {
+    let rotation = KeyRotation::new(Arc::clone(state), config);
+    let handle = rotation.handle();
+    let stop = CancellationToken::new();
+    tokio::spawn(rotation.run(stop.clone()));
+    Rotation { handle, stop }
+}
+
+fn kids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+async fn discovery_rotate_retire(cp: &TestControlPlane) {
+    let server = AuthServer::start().await;
+    let state = cp.state();
+    let config = KeyRotationConfig { grace: Duration::from_secs(2), ..Default::default() };
+    let rotation = start_rotation(state, config);
+    put(state, issuer("idp", &server, Source::Discovery, Some(Duration::from_secs(1)))).await;
+
+    wait_until(state, "the initial keys", || {
+        keys_of(state, "idp").keys().cloned().collect::<Vec<_>>() == kids(&["ec-1", "rsa-1"])
+    })
+    .await;
+    assert!(server.requests(Endpoint::Discovery) >= 1);
+    // the stored key is the server's public JWK, addressed by kid
+    {
+        let idx = state.index();
+        let entry = idx.get(Kind::Key, "idp-rsa-1").expect("key resource named <issuer>-<kid>");
+        let Some(pb::resource::Kind::Key(k)) = &entry.resource.kind else { panic!("not a key") };
+        let stored: serde_json::Value = serde_json::from_str(&k.jwk).unwrap();
+        assert_eq!(Some(stored), server.jwk("rsa-1"));
+    }
+
+    // rotation: the new key appears within one refresh, the old one stays
+    let new_kid = server.rotate();
+    wait_until(state, "the rotated key", || keys_of(state, "idp").contains_key(&new_kid)).await;
+    assert_eq!(keys_of(state, "idp").get("rsa-1"), Some(&false));
+
+    // the old key leaves the JWKS: retire_at first, deletion after the grace
+    server.retire_old();
+    wait_until(state, "retire_at on the old key", || keys_of(state, "idp").get("rsa-1") == Some(&true)).await;
+    wait_until(state, "deletion of the old key", || !keys_of(state, "idp").contains_key("rsa-1")).await;
+    let left = keys_of(state, "idp");
+    assert_eq!(left.get(&new_kid), Some(&false));
+    assert_eq!(left.get("ec-1"), Some(&false));
+    assert_eq!(rotation.handle.stats().fetch_failures, 0);
+}
+
+#[tokio::test]
+async fn discovery_keys_rotate_and_retire_embedded() {
+    let cp = TestControlPlane::embedded().await;
+    tokio::time::timeout(Duration::from_secs(60), discovery_rotate_retire(&cp)).await.expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn discovery_keys_rotate_and_retire_etcd() {
+    let etcd = EtcdServer::start().await.expect("start etcd");
+    let cp = TestControlPlane::etcd(&etcd).await;
+    tokio::time::timeout(Duration::from_secs(60), discovery_rotate_retire(&cp)).await.expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn server_down_keeps_keys_and_counts_the_failure() {
+    let cp = TestControlPlane::embedded().await;
+    let server = AuthServer::start().await;
+    let state = cp.state();
+    let config = KeyRotationConfig { refetch_min_interval: Duration::ZERO, ..Default::default() };
+    let rotation = start_rotation(state, config);
+    put(state, issuer("idp", &server, Source::JwksUri, None)).await;
+    wait_until(state, "the initial keys", || keys_of(state, "idp").len() == 2).await;
+
+    server.set_down(true);
+    server.retire_old();
+    let outcome = tokio::time::timeout(WAIT, rotation.handle.refetch("idp")).await.unwrap();
+    assert!(matches!(outcome, RefetchOutcome::Failed(FetchError::Status { status: 503, .. })), "{outcome:?}");
+    assert!(rotation.handle.stats().fetch_failures >= 1);
+    assert_eq!(keys_of(state, "idp"), BTreeMap::from([("ec-1".into(), false), ("rsa-1".into(), false)]));
+
+    // slow beyond the timeout: also a failure, keys kept
+    server.set_down(false);
+    server.set_delay(Duration::from_secs(3));
+    let rotation_fast = start_rotation(
+        state,
+        KeyRotationConfig {
+            refetch_min_interval: Duration::ZERO,
+            fetch_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let outcome = tokio::time::timeout(WAIT, rotation_fast.handle.refetch("idp")).await.unwrap();
+    assert!(matches!(outcome, RefetchOutcome::Failed(FetchError::Timeout { .. })), "{outcome:?}");
+    assert_eq!(keys_of(state, "idp").len(), 2);
+
+    // back up: the next fetch works again
+    server.set_delay(Duration::ZERO);
+    let new_kid = server.rotate();
+    let outcome = tokio::time::timeout(WAIT, rotation.handle.refetch("idp")).await.unwrap();
+    assert!(matches!(outcome, RefetchOutcome::Fetched), "{outcome:?}");
+    assert!(keys_of(state, "idp").contains_key(&new_kid));
+}
+
+#[tokio::test]
+async fn private_and_weak_keys_are_skipped() {
+    let cp = TestControlPlane::embedded().await;
+    let server = AuthServer::start().await;
+    let state = cp.state();
+    let mut private = server.jwk("ec-1").unwrap();
+    private["kid"] = json!("leaky");
+    private["d"] = json!("AAAA");
+    server.set_extra_jwks(vec![private, weak_rsa_jwk("weak-1024")]);
+    let rotation = start_rotation(state, KeyRotationConfig::default());
+    put(state, issuer("idp", &server, Source::JwksUri, None)).await;
+    wait_until(state, "the good keys", || keys_of(state, "idp").len() == 2).await;
+    assert_eq!(keys_of(state, "idp").keys().cloned().collect::<Vec<_>>(), kids(&["ec-1", "rsa-1"]));
+    assert_eq!(rotation.handle.stats().keys_rejected, 2);
+}
+
+#[tokio::test]
+async fn refetch_is_rate_limited_per_issuer() {
+    let cp = TestControlPlane::embedded().await;
+    let server = AuthServer::start().await;
+    let state = cp.state();
+    let rotation = start_rotation(state, KeyRotationConfig::default());
+    put(state, issuer("idp", &server, Source::JwksUri, None)).await;
+    wait_until(state, "the initial keys", || keys_of(state, "idp").len() == 2).await;
+    let before = server.requests(Endpoint::Jwks);
+
+    let first = tokio::time::timeout(WAIT, rotation.handle.refetch("idp")).await.unwrap();
+    let second = tokio::time::timeout(WAIT, rotation.handle.refetch("idp")).await.unwrap();
+    assert!(matches!(first, RefetchOutcome::Fetched), "{first:?}");
+    assert!(matches!(second, RefetchOutcome::RateLimited), "{second:?}");
+    assert_eq!(server.requests(Endpoint::Jwks), before + 1);
+    assert_eq!(rotation.handle.stats().refetches_rate_limited, 1);
+
+    let unknown = tokio::time::timeout(WAIT, rotation.handle.refetch("nobody")).await.unwrap();
+    assert!(matches!(unknown, RefetchOutcome::UnknownIssuer), "{unknown:?}");
+}
+
+#[tokio::test]
+async fn discovery_with_another_issuer_writes_no_keys() {
+    let cp = TestControlPlane::embedded().await;
+    let server = AuthServer::start().await;
+    server.set_discovery_issuer(Some("http://evil.example/".into()));
+    let state = cp.state();
+    let config = KeyRotationConfig { refetch_min_interval: Duration::ZERO, ..Default::default() };
+    let rotation = start_rotation(state, config);
+    put(state, issuer("idp", &server, Source::Discovery, None)).await;
+
+    let outcome = tokio::time::timeout(WAIT, rotation.handle.refetch("idp")).await.unwrap();
+    assert!(matches!(outcome, RefetchOutcome::Failed(FetchError::IssuerMismatch { .. })), "{outcome:?}");
+    assert!(keys_of(state, "idp").is_empty());
+    assert_eq!(server.requests(Endpoint::Jwks), 0);
+    assert!(rotation.handle.stats().fetch_failures >= 1);
+}
+
+#[tokio::test]
+async fn token_and_introspection_endpoints_work() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let server = AuthServer::start().await;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let post = |path: &str, body: String, extra: Vec<(&'static str, String)>| {
+        let mut b = hyper::Request::post(format!("{}{path}", server.issuer()));
+        for (k, v) in extra {
+            b = b.header(k, v);
+        }
+        b.body(Full::new(bytes::Bytes::from(body))).unwrap()
+    };
+    let r = client
+        .request(post("/token", json!({"sub": "alice", "aud": "api://test", "exp_in": 60}).to_string(), vec![]))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let token = body["access_token"].as_str().unwrap();
+    assert_eq!(token.split('.').count(), 3);
+    assert_eq!(server.mint(json!({"sub": "bob"})).split('.').count(), 3);
+
+    use base64::Engine;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            portcullis_tests::auth_server::CLIENT_ID,
+            portcullis_tests::auth_server::CLIENT_SECRET
+        ))
+    );
+    let opaque = server.issue_opaque(json!({"sub": "carol", "scope": "orders:read"}));
+    let form = format!("token={opaque}");
+    let r = client.request(post("/introspect", form.clone(), vec![("authorization", basic.clone())])).await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["active"], true);
+    assert_eq!(body["sub"], "carol");
+    let r = client
+        .request(post(
+            "/introspect",
+            form.clone(),
+            vec![("authorization", basic.clone()), ("accept", "application/token-introspection+jwt".into())],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "application/token-introspection+jwt");
+    let jwt = String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let payload = jwt.split('.').nth(1).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    assert_eq!(claims["token_introspection"]["active"], true);
+    server.revoke_opaque(&opaque);
+    let r = client.request(post("/introspect", form.clone(), vec![("authorization", basic)])).await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body, json!({"active": false}));
+    let r = client.request(post("/introspect", form, vec![])).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(server.requests(Endpoint::Introspect), 4);
+}
