@@ -1,5 +1,7 @@
-//! Forwarding to upstreams: one pooled HTTP client per proxy (HTTP/1.1, and HTTP/2 with prior
-//! knowledge for upstreams that set `http2`), built once and kept across config versions; the
+//! Forwarding to upstreams: plain HTTP/1.1 requests go over a small per-endpoint stack of idle
+//! connections ([`IdlePool`], kept in the endpoint state); HTTP/2 upstreams (prior knowledge) and
+//! protocol switches use hyper-util's pooled client, built once and kept across config versions
+//! (idle HTTP/1.1 connections are bounded per endpoint and closed after 90 s unused); the
 //! attempt loop (endpoint choice, passive health, retries, deadlines); the request body limit;
 //! hop-by-hop header removal; the `X-Forwarded-*`/`Forwarded` headers; and the byte tunnel of an
 //! accepted `Upgrade`.
@@ -13,20 +15,22 @@
 //! or speak TLS to upstreams yet: an upstream with `tls` enabled is answered 502
 //! `upstream_tls_unsupported` and logged.
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -164,6 +168,176 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
+// ------------------------------------------------------------------ HTTP/1.1 pool
+
+/// At most this many idle HTTP/1.1 connections are kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// An idle HTTP/1.1 connection unused this long is closed (when the pool is next touched).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type H1Sender = http1::SendRequest<RequestBody>;
+
+/// Idle HTTP/1.1 connections to one endpoint with when they went idle, most recently used at
+/// the back (taken first), the oldest at the front (closed once idle too long). The lock is held
+/// only to push or pop; each connection is driven by its own task.
+#[derive(Default)]
+pub struct IdlePool {
+    idle: Mutex<VecDeque<(H1Sender, std::time::Instant)>>,
+}
+
+impl fmt::Debug for IdlePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdlePool").finish_non_exhaustive()
+    }
+}
+
+impl IdlePool {
+    fn take(&self) -> Option<H1Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some((sender, _)) = idle.pop_back() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: H1Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while idle.front().is_some_and(|(s, since)| s.is_closed() || now.duration_since(*since) >= IDLE_TIMEOUT) {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push_back((sender, now));
+        }
+    }
+}
+
+/// An upstream response body; a pooled HTTP/1.1 connection goes back to its pool once the body
+/// has been read to its end (a body dropped early closes the connection).
+pub struct UpstreamBody {
+    inner: Incoming,
+    give_back: Option<(H1Sender, Arc<IdlePool>)>,
+}
+
+impl fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamBody").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl UpstreamBody {
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.give_back.take() {
+            pool.put(sender);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.give_back.is_some() && self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.give_back(),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.give_back(),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => this.give_back = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Why a request sent through the HTTP/1.1 pool or the legacy client failed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error("upstream handshake: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("upstream request: {0}")]
+    Request(#[source] hyper::Error),
+    #[error(transparent)]
+    Legacy(hyper_util::client::legacy::Error),
+}
+
+/// A new HTTP/1.1 connection to `authority`, its task spawned.
+async fn connect_h1(authority: &Authority, timeout: Duration) -> Result<H1Sender, SendError> {
+    let host = authority.host();
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(SendError::Connect(ConnectError::Failed(e.into()))),
+        Err(_) => return Err(SendError::Connect(ConnectError::TimedOut(timeout))),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) =
+        http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(SendError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `request` on an idle connection to the endpoint, or a new one. A request an idle
+/// connection could not take (it was closing) goes on another one; it never reached the
+/// upstream.
+async fn send_h1(
+    pool: &Arc<IdlePool>,
+    authority: &Authority,
+    connect_timeout: Duration,
+    mut request: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, SendError> {
+    loop {
+        let (mut sender, fresh) = match pool.take() {
+            Some(sender) => (sender, false),
+            None => (connect_h1(authority, connect_timeout).await?, true),
+        };
+        if let Err(e) = sender.ready().await {
+            if fresh {
+                return Err(SendError::Request(e));
+            }
+            continue;
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                let pool = Arc::clone(pool);
+                return Ok(response.map(|inner| UpstreamBody { inner, give_back: Some((sender, pool)) }));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(again) if !fresh => request = again,
+                _ => return Err(SendError::Request(e.into_error())),
+            },
+        }
+    }
+}
+
 // ------------------------------------------------------------------ client
 
 /// What the request looks like once the pipeline is done with it.
@@ -206,7 +380,7 @@ impl Forwarder {
         state: &UpstreamState,
         deadline: tokio::time::Instant,
         out: Outgoing,
-    ) -> Result<Response<Incoming>, Denial> {
+    ) -> Result<Response<UpstreamBody>, Denial> {
         if upstream.tls.is_some() {
             warn!(upstream.name = %upstream.name, "upstream TLS not supported yet");
             state.metrics.record_error(Reason::UpstreamTlsUnsupported);
@@ -214,6 +388,8 @@ impl Forwarder {
         }
         let Outgoing { method, path_and_query, mut headers, body } = out;
         let retryable = is_idempotent(&method) && body.is_end_stream() && state.endpoints.len() > 1;
+        // Protocol switches go through the legacy client, which hands over the upgraded I/O.
+        let pooled = !upstream.http2 && !headers.contains_key(header::UPGRADE);
         let (client, version) = if upstream.http2 { (&self.h2, Version::HTTP_2) } else { (&self.h1, Version::HTTP_11) };
         let mut body = Some(body);
         let mut tried: SmallVec<[usize; MAX_RETRIES + 1]> = SmallVec::new();
@@ -223,11 +399,16 @@ impl Forwarder {
             tried.push(i);
             let last = !retryable || attempt == MAX_RETRIES || tried.len() == state.endpoints.len();
             let endpoint = &state.endpoints[i];
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(Scheme::HTTP);
-            parts.authority = Some(endpoint.authority.clone());
-            parts.path_and_query = Some(path_and_query.clone());
-            let Ok(uri) = Uri::from_parts(parts) else { break };
+            let uri = if pooled {
+                Uri::from(path_and_query.clone())
+            } else {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority = Some(endpoint.authority.clone());
+                parts.path_and_query = Some(path_and_query.clone());
+                let Ok(uri) = Uri::from_parts(parts) else { break };
+                uri
+            };
             let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
             *request.method_mut() = method.clone();
             *request.uri_mut() = uri;
@@ -235,7 +416,17 @@ impl Forwarder {
             *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
 
             let _in_flight = state.start(i);
-            let result = match tokio::time::timeout_at(deadline, client.request(request)).await {
+            let sending = async {
+                if pooled {
+                    send_h1(&endpoint.idle, &endpoint.authority, upstream.connect_timeout, request).await
+                } else {
+                    match client.request(request).await {
+                        Ok(response) => Ok(response.map(|inner| UpstreamBody { inner, give_back: None })),
+                        Err(e) => Err(SendError::Legacy(e)),
+                    }
+                }
+            };
+            let result = match tokio::time::timeout_at(deadline, sending).await {
                 Err(_) => {
                     debug!(upstream.name = %state.name, upstream.endpoint = %endpoint.authority, "upstream request timed out");
                     state.metrics.record_error(Reason::UpstreamTimeout);
@@ -298,8 +489,13 @@ enum Failure {
     Reset,
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+fn classify(e: &SendError) -> Failure {
+    let mut source: Option<&(dyn StdError + 'static)> = match e {
+        SendError::Connect(ConnectError::TimedOut(_)) => return Failure::ConnectTimeout,
+        SendError::Connect(_) | SendError::Handshake(_) => return Failure::Connect,
+        SendError::Request(e) => Some(e),
+        SendError::Legacy(e) => e.source(),
+    };
     while let Some(s) = source {
         if let Some(b) = s.downcast_ref::<BodyError>() {
             return match b {
@@ -312,7 +508,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
         }
         source = s.source();
     }
-    if e.is_connect() { Failure::Connect } else { Failure::Reset }
+    if matches!(e, SendError::Legacy(e) if e.is_connect()) { Failure::Connect } else { Failure::Reset }
 }
 
 /// Displays an error with its sources, for logs.
@@ -354,6 +550,10 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, and `Upgrade` unless
 /// `keep_upgrade` (a protocol switch being forwarded, which keeps `Connection: upgrade`).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one scan of the few names is cheaper than six hashed removals.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
         let (_, values) = entry.remove_entry_mult();
         let values: SmallVec<[HeaderValue; 2]> = values.collect();
@@ -373,6 +573,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Whether `name` is one of the hop-by-hop headers [`remove_hop_by_hop`] always handles (the
+/// ones `Connection` names can only be there with `Connection`).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
 }
 
 /// What the proxy knows about where a request came from.
@@ -526,6 +738,9 @@ mod tests {
             &["accept: */*", "x-kept: 3"],
         );
         check_hop(&[("x-kept", "3")], false, &["x-kept: 3"]);
+        for hop in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"] {
+            check_hop(&[(hop, "x"), ("x-kept", "3")], false, &["x-kept: 3"]);
+        }
         check_hop(&[("connection", " , ,")], false, &[]);
     }
 

@@ -24,6 +24,10 @@ use portcullis_data_plane::tls::{self, CertPair};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+// Per-request allocations (headers, futures, body frames) are many and short-lived.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,

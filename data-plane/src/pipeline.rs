@@ -53,14 +53,14 @@ use smallvec::SmallVec;
 use tracing::{debug, info};
 
 use crate::denial::{AuthFailure, Denial, Forbidden};
-use crate::forward::{self, Forwarder, Origin, Outgoing, RequestBody, X_FORWARDED_FOR, X_REQUEST_ID};
+use crate::forward::{self, Forwarder, Origin, Outgoing, RequestBody, UpstreamBody, X_FORWARDED_FOR, X_REQUEST_ID};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Lookup;
 use crate::snapshot::{CompiledRoute, Snapshot, SnapshotHandle};
 use crate::upstream::{ConnectTimeouts, UpstreamRegistry, UpstreamState};
 
 /// What the proxy answers with: an upstream's streamed body, or a problem document.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// The longest `X-Request-Id` kept from a client.
 pub const MAX_REQUEST_ID_LEN: usize = 128;

@@ -34,6 +34,8 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub struct Endpoint {
     pub authority: Authority,
+    /// Idle HTTP/1.1 connections to this endpoint.
+    pub idle: Arc<crate::forward::IdlePool>,
     in_flight: AtomicUsize,
     failures: AtomicU32,
     /// Nanoseconds after the state's `base` until which the endpoint is ejected; 0 = not.
@@ -77,6 +79,7 @@ impl UpstreamState {
             .filter_map(|e| Authority::from_str(e).ok())
             .map(|authority| Endpoint {
                 authority,
+                idle: Arc::default(),
                 in_flight: AtomicUsize::new(0),
                 failures: AtomicU32::new(0),
                 ejected_until: AtomicU64::new(0),
