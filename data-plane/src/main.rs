@@ -94,16 +94,6 @@ struct Args {
     log_format: LogFormat,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
 fn default_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -115,31 +105,9 @@ fn default_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn shutdown_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    info!("shutdown requested; draining");
-    token.cancel();
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(args.log_format);
+    portcullis_shared::process::init_tracing(matches!(args.log_format, LogFormat::Json));
     let workers = args.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // One worker: a current-thread runtime, with no cross-thread wake-ups to pay for.
     let runtime = if workers <= 1 {
@@ -182,7 +150,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     let proxy_id = args.id.clone().unwrap_or_else(default_id);
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_signal(shutdown.clone()));
+    tokio::spawn(portcullis_shared::process::shutdown_signal(shutdown.clone()));
     let snapshots = snapshot::new_handle();
     let metrics = Arc::new(Metrics::new());
 

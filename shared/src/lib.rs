@@ -13,6 +13,8 @@ pub mod jwt;
 pub mod kind;
 pub mod model;
 pub mod path;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod validate;
 
 pub use kind::Kind;
