@@ -14,7 +14,6 @@ use portcullis_proto::config::v1 as pb;
 use portcullis_shared::Kind;
 use prost::Message;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
@@ -255,5 +254,8 @@ pub async fn serve(
     };
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(admin.addr = ?addr, "admin API listening");
-    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned()).await
+    // TCP_NODELAY: a gRPC response is several small writes (headers, data, trailers); with Nagle
+    // on, the last one waits for the client's delayed ACK (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await
 }
