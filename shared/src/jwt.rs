@@ -32,9 +32,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use hmac::{Hmac, Mac};
-use p256::ecdsa::signature::Verifier as _;
+use ring::signature::{self as ring_sig, RsaPublicKeyComponents, UnparsedPublicKey};
 use rsa::traits::PublicKeyParts;
-use rsa::{BigUint, Pkcs1v15Sign, Pss, RsaPublicKey};
+use rsa::{BigUint, RsaPublicKey};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256, Sha384, Sha512};
@@ -200,12 +200,17 @@ fn hmac_len(alg: Algorithm) -> usize {
 
 // ---------------------------------------------------------------- keys
 
-/// Parsed, validated key material: parsed once per config version, never per request.
+/// Parsed, validated key material: parsed once per config version, never per request. The
+/// RustCrypto crates validate a key when the set is built; `ring` verifies signatures with it.
 enum Material {
-    Rsa(RsaPublicKey),
-    P256(p256::ecdsa::VerifyingKey),
-    P384(p384::ecdsa::VerifyingKey),
-    Ed25519(ed25519_dalek::VerifyingKey),
+    /// Minimal big-endian `n` and `e` of a key the `rsa` crate accepted (and odd `n` and `e`).
+    Rsa(RsaPublicKeyComponents<Box<[u8]>>),
+    /// Uncompressed SEC1 point (0x04 || x || y) that `p256` accepted as on the curve.
+    P256(UnparsedPublicKey<Box<[u8]>>),
+    /// Uncompressed SEC1 point (0x04 || x || y) that `p384` accepted as on the curve.
+    P384(UnparsedPublicKey<Box<[u8]>>),
+    /// A 32-byte Ed25519 key that decompresses and is not of small order.
+    Ed25519(UnparsedPublicKey<[u8; 32]>),
     Hmac(Box<[u8]>),
 }
 
@@ -227,23 +232,23 @@ impl Material {
     fn verify(&self, alg: Algorithm, input: &[u8], sig: &[u8]) -> bool {
         use Algorithm::*;
         match (self, alg) {
-            (Material::Rsa(k), RS256) => k.verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(input), sig).is_ok(),
-            (Material::Rsa(k), RS384) => k.verify(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(input), sig).is_ok(),
-            (Material::Rsa(k), RS512) => k.verify(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(input), sig).is_ok(),
-            (Material::Rsa(k), PS256) => k.verify(Pss::new::<Sha256>(), &Sha256::digest(input), sig).is_ok(),
-            (Material::Rsa(k), PS384) => k.verify(Pss::new::<Sha384>(), &Sha384::digest(input), sig).is_ok(),
-            (Material::Rsa(k), PS512) => k.verify(Pss::new::<Sha512>(), &Sha512::digest(input), sig).is_ok(),
-            // from_slice refuses r or s equal to 0 or ≥ n and anything but the 64/96-byte
-            // fixed-width JOSE form (so DER is refused too)
-            (Material::P256(k), ES256) => {
-                p256::ecdsa::Signature::from_slice(sig).is_ok_and(|s| k.verify(input, &s).is_ok())
-            }
-            (Material::P384(k), ES384) => {
-                p384::ecdsa::Signature::from_slice(sig).is_ok_and(|s| k.verify(input, &s).is_ok())
-            }
-            // strict: no small-order points, no non-canonical S
+            // the signature must be exactly as long as the modulus
+            (Material::Rsa(k), RS256) => k.verify(&ring_sig::RSA_PKCS1_2048_8192_SHA256, input, sig).is_ok(),
+            (Material::Rsa(k), RS384) => k.verify(&ring_sig::RSA_PKCS1_2048_8192_SHA384, input, sig).is_ok(),
+            (Material::Rsa(k), RS512) => k.verify(&ring_sig::RSA_PKCS1_2048_8192_SHA512, input, sig).is_ok(),
+            (Material::Rsa(k), PS256) => k.verify(&ring_sig::RSA_PSS_2048_8192_SHA256, input, sig).is_ok(),
+            (Material::Rsa(k), PS384) => k.verify(&ring_sig::RSA_PSS_2048_8192_SHA384, input, sig).is_ok(),
+            (Material::Rsa(k), PS512) => k.verify(&ring_sig::RSA_PSS_2048_8192_SHA512, input, sig).is_ok(),
+            // the FIXED algorithms take only the 64/96-byte JOSE form (so DER is refused too) and
+            // refuse r or s equal to 0 or ≥ n
+            (Material::P256(k), ES256) | (Material::P384(k), ES384) => k.verify(input, sig).is_ok(),
+            // strict: ring refuses a non-canonical S and compares R byte for byte with the
+            // canonical encoding it computes; a small-order R is refused here (small-order keys
+            // are refused when the set is built), as ed25519-dalek's verify_strict did
             (Material::Ed25519(k), EdDSA) => {
-                ed25519_dalek::Signature::from_slice(sig).is_ok_and(|s| k.verify_strict(input, &s).is_ok())
+                sig.len() == 64
+                    && !ED25519_SMALL_ORDER.iter().any(|p| sig[..32] == p[..])
+                    && k.verify(input, sig).is_ok()
             }
             (Material::Hmac(secret), HS256) => hmac_ok::<Hmac<Sha256>>(secret, input, sig),
             (Material::Hmac(secret), HS384) => hmac_ok::<Hmac<Sha384>>(secret, input, sig),
@@ -251,6 +256,38 @@ impl Material {
             _ => false,
         }
     }
+}
+
+/// The canonical encodings of the eight points of small order on edwards25519 (a non-canonical
+/// encoding never equals the canonical one ring compares R with).
+const ED25519_SMALL_ORDER: [[u8; 32]; 8] = [
+    hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+    hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000000"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000080"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa"),
+];
+
+const fn hex32(s: &str) -> [u8; 32] {
+    const fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not lowercase hex"),
+        }
+    }
+    let s = s.as_bytes();
+    assert!(s.len() == 64);
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = nibble(s[2 * i]) << 4 | nibble(s[2 * i + 1]);
+        i += 1;
+    }
+    out
 }
 
 /// Constant-time HMAC comparison (`verify_slice`), which also refuses a wrong length.
@@ -438,6 +475,15 @@ fn key_from_jwk(issuer: &model::Issuer, kid: &str, jwk: &Value) -> Result<Verify
             if bits < RSA_MIN_BITS {
                 return Err(format!("RSA key has {bits} bits; at least {RSA_MIN_BITS} are required"));
             }
+            // ring takes only odd n and e (an even one is no RSA key), minimally encoded
+            let (n_min, e_min) = (key.n().to_bytes_be(), key.e().to_bytes_be());
+            if n_min.last().is_none_or(|b| b & 1 == 0) {
+                return Err("invalid RSA key: the modulus is even".into());
+            }
+            if e_min.last().is_none_or(|b| b & 1 == 0) {
+                return Err("invalid RSA key: the public exponent is even".into());
+            }
+            let key = RsaPublicKeyComponents { n: n_min.into_boxed_slice(), e: e_min.into_boxed_slice() };
             let alg = match jwk_alg {
                 Some(a) if is_rsa(a) => a,
                 Some(a) => return Err(format!("JWK alg {a:?} does not fit an RSA key")),
@@ -469,13 +515,16 @@ fn key_from_jwk(issuer: &model::Issuer, kid: &str, jwk: &Value) -> Result<Verify
                 return Err(format!("EC coordinates must be {len} bytes each"));
             }
             let sec1 = [&[4u8][..], &x, &y].concat();
+            let point = sec1.clone().into_boxed_slice();
             let material = match alg {
-                Algorithm::ES256 => Material::P256(
-                    p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| "EC point is not on P-256")?,
-                ),
-                _ => Material::P384(
-                    p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| "EC point is not on P-384")?,
-                ),
+                Algorithm::ES256 => {
+                    p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| "EC point is not on P-256")?;
+                    Material::P256(UnparsedPublicKey::new(&ring_sig::ECDSA_P256_SHA256_FIXED, point))
+                }
+                _ => {
+                    p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| "EC point is not on P-384")?;
+                    Material::P384(UnparsedPublicKey::new(&ring_sig::ECDSA_P384_SHA384_FIXED, point))
+                }
             };
             (alg, material, sec1)
         }
@@ -493,7 +542,7 @@ fn key_from_jwk(issuer: &model::Issuer, kid: &str, jwk: &Value) -> Result<Verify
             if key.is_weak() {
                 return Err("Ed25519 key is of small order".into());
             }
-            (Algorithm::EdDSA, Material::Ed25519(key), x.to_vec())
+            (Algorithm::EdDSA, Material::Ed25519(UnparsedPublicKey::new(&ring_sig::ED25519, x)), x.to_vec())
         }
         other => return Err(format!("unsupported JWK kty {other:?}")),
     };
@@ -1197,6 +1246,18 @@ mod tests {
 
     fn ed_issuer() -> Issuer {
         issuer(KeySourceKind::Inline(String::new()), &[Algorithm::EdDSA])
+    }
+
+    #[test]
+    fn ed25519_small_order_table_is_the_eight_canonical_small_order_points() {
+        let mut seen = std::collections::HashSet::new();
+        for p in ED25519_SMALL_ORDER {
+            let point = ed25519_dalek::VerifyingKey::from_bytes(&p).expect("decompresses");
+            assert!(point.is_weak(), "{p:02x?} is not of small order");
+            assert_eq!(point.to_bytes(), p, "{p:02x?} is not canonical");
+            assert!(seen.insert(p));
+        }
+        assert_eq!(seen.len(), 8);
     }
 
     fn ed_key(seed: u8) -> ed25519_dalek::SigningKey {
