@@ -235,10 +235,8 @@ pub fn route_path(s: &str) -> Result<(), String> {
     if s.bytes().any(|c| c <= b' ' || c >= 0x7f || c == b'\\') {
         return Err(format!("path {s:?} contains a space, control, non-ASCII or backslash character"));
     }
-    if s.len() > 1 && s.ends_with('/') {
-        // a trailing slash is allowed: "/api/" and "/api" are different paths
-    }
-    for seg in s[1..].split('/').take_while(|_| s.len() > 1) {
+    // A trailing slash is allowed: "/api/" and "/api" are different paths.
+    for seg in s[1..].split('/') {
         if seg == "." || seg == ".." {
             return Err(format!("path {s:?} contains a dot segment"));
         }
