@@ -52,6 +52,8 @@ pub enum Reason {
     TokenIssuerMismatch,
     TokenAudienceMismatch,
     TokenClaimInvalid,
+    TokenInactive,
+    IntrospectionUnavailable,
     ScopeMissing,
     ClaimMissing,
     ClaimMismatch,
@@ -69,7 +71,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 44] = [
+    pub const ALL: [Reason; 46] = [
         Reason::PathNotAbsolute,
         Reason::PathTooLong,
         Reason::PathEncodedSlash,
@@ -100,6 +102,8 @@ impl Reason {
         Reason::TokenIssuerMismatch,
         Reason::TokenAudienceMismatch,
         Reason::TokenClaimInvalid,
+        Reason::TokenInactive,
+        Reason::IntrospectionUnavailable,
         Reason::ScopeMissing,
         Reason::ClaimMissing,
         Reason::ClaimMismatch,
@@ -149,6 +153,8 @@ impl Reason {
             Reason::TokenIssuerMismatch => "token_issuer_mismatch",
             Reason::TokenAudienceMismatch => "token_audience_mismatch",
             Reason::TokenClaimInvalid => "token_claim_invalid",
+            Reason::TokenInactive => "token_inactive",
+            Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::ScopeMissing => "scope_missing",
             Reason::ClaimMissing => "claim_missing",
             Reason::ClaimMismatch => "claim_mismatch",
@@ -198,7 +204,8 @@ impl Reason {
             | Reason::TokenTooOld
             | Reason::TokenIssuerMismatch
             | Reason::TokenAudienceMismatch
-            | Reason::TokenClaimInvalid => StatusCode::UNAUTHORIZED,
+            | Reason::TokenClaimInvalid
+            | Reason::TokenInactive => StatusCode::UNAUTHORIZED,
             Reason::IpDenied
             | Reason::IpNotAllowed
             | Reason::ScopeMissing
@@ -209,7 +216,9 @@ impl Reason {
             Reason::UpstreamConnectFailed | Reason::UpstreamReset | Reason::UpstreamTlsUnsupported => {
                 StatusCode::BAD_GATEWAY
             }
-            Reason::UpstreamUnavailable | Reason::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::UpstreamUnavailable | Reason::NotReady | Reason::IntrospectionUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::UpstreamConnectTimeout | Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -263,7 +272,8 @@ impl Reason {
             | Reason::TokenTooOld
             | Reason::TokenIssuerMismatch
             | Reason::TokenAudienceMismatch
-            | Reason::TokenClaimInvalid => "the access token is invalid",
+            | Reason::TokenClaimInvalid
+            | Reason::TokenInactive => "the access token is invalid",
             Reason::ScopeMissing | Reason::ClaimMissing | Reason::ClaimMismatch => {
                 "the access token does not grant access to this resource"
             }
@@ -277,6 +287,7 @@ impl Reason {
             Reason::UpstreamUnavailable => "the upstream service is unavailable",
             Reason::UpstreamConnectTimeout | Reason::UpstreamTimeout => "the upstream service did not answer in time",
             Reason::NotReady => "the proxy has no configuration yet",
+            Reason::IntrospectionUnavailable => "the access token cannot be checked right now",
         }
     }
 }
@@ -287,8 +298,8 @@ pub enum AuthFailure {
     /// No bearer token (no `Authorization` header, or another scheme) on a route that requires
     /// one: the challenge carries no `error` (RFC 6750 §3.1).
     Missing,
-    /// A token the proxy cannot verify yet: the policy accepts opaque tokens only, and token
-    /// introspection is not implemented in the proxy.
+    /// A token of a kind the policy cannot check: not a JWT where the policy accepts JWTs only,
+    /// or an opaque token where none of the policy's issuers has an introspection endpoint.
     Unverified,
     /// A token that failed verification; the challenge says `error="invalid_token"` with the
     /// error's client-safe [`JwtError::description`]. Never [`JwtError::Missing`].
@@ -317,6 +328,7 @@ impl AuthFailure {
                 JwtError::IssuerMismatch => Reason::TokenIssuerMismatch,
                 JwtError::AudienceMismatch => Reason::TokenAudienceMismatch,
                 JwtError::ClaimInvalid(_) => Reason::TokenClaimInvalid,
+                JwtError::Inactive => Reason::TokenInactive,
             },
         }
     }
@@ -373,6 +385,9 @@ pub enum Denial {
     GatewayTimeout(Timeout),
     /// No configuration snapshot has been applied yet.
     NotReady,
+    /// An opaque token could not be introspected (the authorization server is unreachable,
+    /// slow, or answered something that cannot be trusted): 503, never a pass.
+    IntrospectionUnavailable,
 }
 
 /// The problem body's content type (RFC 9457).
@@ -409,6 +424,7 @@ impl Denial {
             Denial::GatewayTimeout(Timeout::Connect) => Reason::UpstreamConnectTimeout,
             Denial::GatewayTimeout(Timeout::Request) => Reason::UpstreamTimeout,
             Denial::NotReady => Reason::NotReady,
+            Denial::IntrospectionUnavailable => Reason::IntrospectionUnavailable,
         }
     }
 
@@ -468,7 +484,7 @@ impl Denial {
                     headers.insert(ALLOW, v);
                 }
             }
-            Denial::NotReady | Denial::ServiceUnavailable => {
+            Denial::NotReady | Denial::ServiceUnavailable | Denial::IntrospectionUnavailable => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -578,6 +594,13 @@ mod tests {
         check(Denial::GatewayTimeout(Timeout::Connect), 504, "upstream_connect_timeout", None);
         check(Denial::GatewayTimeout(Timeout::Request), 504, "upstream_timeout", None);
         check(Denial::NotReady, 503, "not_ready", Some(("retry-after", "1")));
+        check(Denial::IntrospectionUnavailable, 503, "introspection_unavailable", Some(("retry-after", "1")));
+        check(
+            Denial::Unauthorized(AuthFailure::Invalid(JwtError::Inactive)),
+            401,
+            "token_inactive",
+            Some(("www-authenticate", BEARER_INVALID)),
+        );
     }
 
     #[test]
@@ -598,6 +621,7 @@ mod tests {
             JwtError::IssuerMismatch,
             JwtError::AudienceMismatch,
             JwtError::ClaimInvalid("exp"),
+            JwtError::Inactive,
         ] {
             let (reason, description) = (e.reason(), e.description());
             let d = Denial::Unauthorized(AuthFailure::Invalid(e));

@@ -115,12 +115,30 @@ impl UpstreamMetrics {
     }
 }
 
+/// Token introspection (opaque tokens, see `introspect.rs`): calls to the authorization
+/// servers by outcome, cache use, and call durations.
+#[derive(Debug, Default)]
+pub struct IntrospectionMetrics {
+    /// Answers served from the cache (positive or negative).
+    pub cache_hits: AtomicU64,
+    /// Requests that waited for a call another request had started (single flight).
+    pub coalesced: AtomicU64,
+    /// Calls whose answer was an active token.
+    pub active: AtomicU64,
+    /// Calls whose answer refused the token (inactive, expired, wrong audience...).
+    pub refused: AtomicU64,
+    /// Calls that failed (unreachable, timeout, bad status, an answer that could not be trusted).
+    pub failed: AtomicU64,
+    pub duration: Histogram,
+}
+
 /// The registry. One per proxy, shared by `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<String, Arc<RouteMetrics>>>,
     upstreams: Mutex<BTreeMap<String, Arc<UpstreamMetrics>>>,
     unmatched: Arc<RouteMetrics>,
+    pub introspection: IntrospectionMetrics,
 }
 
 impl Default for Metrics {
@@ -135,6 +153,7 @@ impl Metrics {
             routes: Mutex::default(),
             upstreams: Mutex::default(),
             unmatched: Arc::new(RouteMetrics::new(UNMATCHED_ROUTE)),
+            introspection: IntrospectionMetrics::default(),
         }
     }
 
@@ -233,6 +252,37 @@ impl Metrics {
                 }
             }
         }
+
+        let i = &self.introspection;
+        out.push_str("# HELP portcullis_proxy_introspection_requests_total Token introspection calls, by outcome.\n");
+        out.push_str("# TYPE portcullis_proxy_introspection_requests_total counter\n");
+        for (outcome, n) in [("active", &i.active), ("refused", &i.refused), ("failed", &i.failed)] {
+            let _ = writeln!(
+                out,
+                "portcullis_proxy_introspection_requests_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        out.push_str("# HELP portcullis_proxy_introspection_cache_hits_total Opaque tokens answered from the introspection cache.\n");
+        out.push_str("# TYPE portcullis_proxy_introspection_cache_hits_total counter\n");
+        let _ = writeln!(out, "portcullis_proxy_introspection_cache_hits_total {}", i.cache_hits.load(Relaxed));
+        out.push_str("# HELP portcullis_proxy_introspection_coalesced_total Requests that shared another request's introspection call.\n");
+        out.push_str("# TYPE portcullis_proxy_introspection_coalesced_total counter\n");
+        let _ = writeln!(out, "portcullis_proxy_introspection_coalesced_total {}", i.coalesced.load(Relaxed));
+        out.push_str("# HELP portcullis_proxy_introspection_duration_seconds Duration of token introspection calls.\n");
+        out.push_str("# TYPE portcullis_proxy_introspection_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (n, b) in i.duration.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = BUCKET_LABELS.get(n).copied().unwrap_or("+Inf");
+            let _ = writeln!(out, "portcullis_proxy_introspection_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "portcullis_proxy_introspection_duration_seconds_sum {}",
+            i.duration.sum_nanos.load(Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(out, "portcullis_proxy_introspection_duration_seconds_count {}", i.duration.count());
 
         out.push_str("# HELP portcullis_proxy_config_version The config version (store revision) being served; 0 before the first.\n");
         out.push_str("# TYPE portcullis_proxy_config_version gauge\n");

@@ -10,9 +10,20 @@
 //! scheme: 401 with a plain `Bearer` challenge); the token is verified through the proxy's one
 //! [`TokenCache`] against the verifiers of the policy's issuers, chosen by its `iss` (none of
 //! them: `token_issuer_mismatch`); any failure is 401 `invalid_token`. `optional` passes without
-//! a bearer token (anonymously) and verifies one that is sent exactly like `required`. A policy
-//! that accepts opaque tokens only answers 401 `token_unverified` to every token: introspection
-//! is not in the proxy yet. Authorization then runs [`claims::authorize`] on the verified token
+//! a bearer token (anonymously) and verifies one that is sent exactly like `required`.
+//!
+//! Opaque tokens (policy `tokens: [opaque]`): a bearer token that is not a JWT the policy verifies
+//! itself (not JWT-shaped, or the policy accepts opaque tokens only) is introspected at the
+//! policy's issuers that have an introspection endpoint ([`crate::introspect`]). A cached answer
+//! is used in the stage itself; otherwise the stage answers [`Verdict::Introspect`] and the one
+//! asynchronous step of the pipeline calls the authorization server (boxed, so the common path's
+//! future stays small). Active: the claims are authorized like a JWT's and `Authorization`
+//! carries the JWT from the answer instead of the opaque token (the phantom-token swap), whatever
+//! `forward_token` says — the opaque token never goes upstream. Refused: 401 `invalid_token`.
+//! Authorization server down, slow or untrustworthy: 503 `introspection_unavailable` with
+//! `Retry-After`. No issuer with introspection: 401 `token_unverified`.
+//!
+//! Authorization then runs [`claims::authorize`] on the verified token
 //! (403 `insufficient_scope` on a denial). The `Authorization` header is removed before
 //! forwarding unless the policy has `forward_token` and a token was verified (then the verified
 //! token goes on unchanged); the policy's claim headers (client copies were already stripped)
@@ -54,6 +65,7 @@ use tracing::{debug, info};
 
 use crate::denial::{AuthFailure, Denial, Forbidden};
 use crate::forward::{self, Forwarder, Origin, Outgoing, RequestBody, UpstreamBody, X_FORWARDED_FOR, X_REQUEST_ID};
+use crate::introspect::{Introspection, Introspector, Outcome, Phantom};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Lookup;
 use crate::snapshot::{CompiledRoute, Snapshot, SnapshotHandle};
@@ -162,6 +174,8 @@ pub struct Settings {
     pub default_connect_timeout: Duration,
     /// How many verified tokens the process-wide token cache holds.
     pub token_cache_size: usize,
+    /// How many introspection answers (opaque tokens) the process-wide cache holds.
+    pub introspection_cache_size: usize,
 }
 
 impl Default for Settings {
@@ -171,6 +185,7 @@ impl Default for Settings {
             max_body_bytes: 10 * 1024 * 1024,
             default_connect_timeout: Duration::from_secs(5),
             token_cache_size: 100_000,
+            introspection_cache_size: 100_000,
         }
     }
 }
@@ -332,6 +347,9 @@ fn replace_prefix<'a>(path: &'a str, prefix: &str, replacement: &str) -> Cow<'a,
 pub enum Verdict {
     Continue,
     Deny(Denial),
+    /// The token must be introspected (no cached answer): the pipeline awaits
+    /// [`Pipeline::introspect`], whose verdict stands for the stage's.
+    Introspect,
 }
 
 /// Everything one request carries through the stages.
@@ -415,6 +433,8 @@ pub struct Pipeline {
     ids: RequestIds,
     /// Verified tokens, across config versions (entries of changed issuers or keys are void).
     tokens: TokenCache,
+    /// Introspection answers for opaque tokens, across config versions.
+    introspection: Introspection,
 }
 
 impl Pipeline {
@@ -424,6 +444,7 @@ impl Pipeline {
             snapshots,
             upstreams: UpstreamRegistry::new(Arc::clone(&metrics), Arc::clone(&timeouts)),
             forwarder: Forwarder::new(timeouts),
+            introspection: Introspection::new(settings.introspection_cache_size, Arc::clone(&metrics)),
             metrics,
             tokens: TokenCache::new(settings.token_cache_size),
             settings,
@@ -440,7 +461,11 @@ impl Pipeline {
         let (parts, body) = request.into_parts();
         let mut ctx = RequestCtx::new(parts, conn);
         for (stage, run) in STAGES {
-            if let Verdict::Deny(denial) = run(self, &mut ctx) {
+            let verdict = match run(self, &mut ctx) {
+                Verdict::Introspect => Box::pin(self.introspect(&mut ctx)).await,
+                verdict => verdict,
+            };
+            if let Verdict::Deny(denial) = verdict {
                 return self.deny(&ctx, stage, denial);
             }
         }
@@ -563,11 +588,24 @@ impl Pipeline {
             Some(Ok(v)) => match jwt::bearer_token(Some(v)) {
                 Err(JwtError::Missing) => Err(AuthFailure::Missing),
                 Err(e) => Err(AuthFailure::Invalid(e)),
-                Ok(_) if !accepted.tokens.contains(&TokenKind::Jwt) => Err(AuthFailure::Unverified),
-                Ok(t) => {
+                Ok(t)
+                    if accepted.tokens.contains(&TokenKind::Jwt)
+                        && (looks_like_jwt(t) || !accepted.tokens.contains(&TokenKind::Opaque)) =>
+                {
                     let verifiers = snapshot.route_verifiers.get(index).map_or(&[][..], |v| &v[..]);
                     self.tokens.verify(verifiers, t, SystemTime::now()).map_err(AuthFailure::Invalid)
                 }
+                Ok(t) if accepted.tokens.contains(&TokenKind::Opaque) => {
+                    match self.cached_introspection(snapshot, &accepted.issuers, t) {
+                        Some(Ok(phantom)) => {
+                            accept_phantom(parts, token, &phantom);
+                            return Verdict::Continue;
+                        }
+                        Some(Err(failure)) => Err(failure),
+                        None => return Verdict::Introspect,
+                    }
+                }
+                Ok(_) => Err(AuthFailure::Unverified),
             },
             None => Err(AuthFailure::Missing),
         };
@@ -583,6 +621,62 @@ impl Pipeline {
             Err(AuthFailure::Missing) if !required => Verdict::Continue,
             Err(failure) => self.report_only(ctx, "authenticate", Denial::Unauthorized(failure)),
         }
+    }
+
+    /// The introspection answer for `token` if every issuer it depends on has one cached: the
+    /// first active one, or the refusal when all refused. `None`: a call is needed.
+    fn cached_introspection(
+        &self,
+        snapshot: &Snapshot,
+        issuers: &[String],
+        token: &str,
+    ) -> Option<Result<Arc<Phantom>, AuthFailure>> {
+        let mut refused = None;
+        for introspector in issuers.iter().filter_map(|i| snapshot.introspectors.get(i)) {
+            match self.introspection.cached(introspector, token)? {
+                Outcome::Active(phantom) => return Some(Ok(phantom)),
+                Outcome::Refused(e) => refused = Some(e),
+                Outcome::Unavailable => return None,
+            }
+        }
+        Some(Err(refused.map_or(AuthFailure::Unverified, AuthFailure::Invalid)))
+    }
+
+    /// The asynchronous half of `authenticate` for an opaque token without a cached answer.
+    async fn introspect(&self, ctx: &mut RequestCtx) -> Verdict {
+        let Some((snapshot, compiled)) = ctx.snapshot.as_ref().and_then(|s| Some((s, s.routes.get(ctx.route?)?)))
+        else {
+            return Verdict::Deny(Denial::NotFound);
+        };
+        let issuers = match &compiled.policy.authentication {
+            Authentication::Required(a) | Authentication::Optional(a) => &a.issuers,
+            Authentication::Public { .. } => return Verdict::Continue,
+        };
+        let introspectors: SmallVec<[Arc<Introspector>; 2]> =
+            issuers.iter().filter_map(|i| snapshot.introspectors.get(i).cloned()).collect();
+        let token = ctx.parts.headers.get(AUTHORIZATION).and_then(|v| jwt::bearer_token(v.to_str().ok()).ok());
+        let Some(token) = token.map(str::to_owned) else {
+            return Verdict::Deny(Denial::Unauthorized(AuthFailure::Missing));
+        };
+        let mut refused = None;
+        let mut unavailable = false;
+        for introspector in &introspectors {
+            match self.introspection.introspect(introspector, &token).await {
+                Outcome::Active(phantom) => {
+                    accept_phantom(&mut ctx.parts, &mut ctx.token, &phantom);
+                    return Verdict::Continue;
+                }
+                Outcome::Refused(e) => refused = Some(e),
+                Outcome::Unavailable => unavailable = true,
+            }
+        }
+        ctx.parts.headers.remove(AUTHORIZATION);
+        let denial = match refused {
+            _ if unavailable => Denial::IntrospectionUnavailable,
+            Some(e) => Denial::Unauthorized(AuthFailure::Invalid(e)),
+            None => Denial::Unauthorized(AuthFailure::Unverified),
+        };
+        self.report_only(ctx, "authenticate", denial)
     }
 
     fn authorize(&self, ctx: &mut RequestCtx) -> Verdict {
@@ -777,6 +871,21 @@ impl Pipeline {
 }
 
 /// The problem response of `denial`, with the request id header.
+/// A compact JWS has exactly three segments; anything else is an opaque token.
+fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+/// An active opaque token: its claims for authorization, and the JWT (or nothing) in place of
+/// the opaque token in `Authorization`.
+fn accept_phantom(parts: &mut Parts, token: &mut Option<Arc<VerifiedToken>>, phantom: &Phantom) {
+    *token = Some(Arc::clone(&phantom.token));
+    match &phantom.authorization {
+        Some(jwt) => parts.headers.insert(AUTHORIZATION, jwt.clone()),
+        None => parts.headers.remove(AUTHORIZATION),
+    };
+}
+
 fn problem(denial: &Denial, request_id: HeaderValue) -> Response<ResponseBody> {
     let mut response = denial.to_response(Some(&request_id));
     response.headers_mut().insert(&X_REQUEST_ID, request_id);

@@ -17,8 +17,12 @@
 //!   A Key naming an issuer that does not exist is ignored (no verifier uses it).
 //! - an inline JWK without a `kid` gets the synthetic kid `#<index>` (so a single kid-less key
 //!   still verifies kid-less tokens, see [`jwt`]).
-//! - a `shared_secret_file` issuer gets an empty key set: the proxy does not read secret files
-//!   yet, so its tokens are refused with `token_kid_unknown`.
+//! - a `shared_secret_file` issuer (HS*): the proxy reads the secret from that path on its own
+//!   file system (mount the same secret into the proxies); a missing, empty or too short secret
+//!   is a violation (NACK), never an issuer that accepts anything.
+//! - an issuer with an introspection endpoint gets an [`Introspector`] (opaque tokens), whose
+//!   client secret the proxy reads from `introspection.client_secret_file` likewise; an
+//!   unreadable one is a violation.
 //! - an issuer with no usable key yet (its JWKS not fetched) is not an error: its tokens are
 //!   refused with `token_kid_unknown` until its keys arrive.
 //!
@@ -39,6 +43,7 @@ use portcullis_shared::kind::ResourceExt;
 use portcullis_shared::model::{self, Resource};
 use portcullis_shared::{Kind, Violation, Violations};
 
+use crate::introspect::Introspector;
 use crate::pipeline::{RouteBindings, RoutePlan};
 use crate::router::RouteTable;
 
@@ -81,6 +86,8 @@ pub struct Snapshot {
     /// Indexed like `routes`: the verifiers of the route's policy's issuers, in the policy's
     /// order (empty for a public policy).
     pub route_verifiers: Vec<Arc<[Arc<Verifier>]>>,
+    /// One introspector per Issuer with an introspection endpoint, by the Issuer's name.
+    pub introspectors: HashMap<String, Arc<Introspector>>,
     pub blocks: Vec<model::Block>,
     /// How many resources the version holds (for `/config`).
     pub resource_count: usize,
@@ -212,6 +219,7 @@ pub fn compile_from(
         }
     }
     let verifiers = compile_verifiers(&issuers, &keys, SystemTime::now(), &mut violations);
+    let introspectors = compile_introspectors(&issuers, &verifiers, &mut violations);
     let mut compiled = kept;
     compiled.reserve(routes.len());
     for (revision, route) in routes {
@@ -266,6 +274,7 @@ pub fn compile_from(
         keys,
         verifiers,
         route_verifiers,
+        introspectors,
         blocks,
         resource_count: resources.len(),
         reuse,
@@ -296,6 +305,30 @@ fn compile_verifiers(
             },
             _ => Vec::new(),
         };
+        if let model::KeySourceKind::SharedSecretFile(path) = &issuer.keys.kind {
+            let set = crate::introspect::read_secret(path)
+                .and_then(|secret| KeySet::from_secret(issuer, secret.as_bytes()).map_err(|e| e.problem));
+            match set {
+                Ok(set) => {
+                    out.insert(name.clone(), Arc::new(Verifier::new(issuer, set)));
+                }
+                Err(message) => violations.push(Violation {
+                    kind: Kind::Issuer,
+                    name: name.clone(),
+                    field: "keys.shared_secret_file".into(),
+                    message,
+                }),
+            }
+            if let Some(key) = keys.iter().find(|k| &k.issuer == name) {
+                violations.push(Violation {
+                    kind: Kind::Key,
+                    name: key.name.clone(),
+                    field: "issuer".into(),
+                    message: format!("issuer {name} verifies with a shared secret and takes no keys"),
+                });
+            }
+            continue;
+        }
         let refs: Vec<&model::Key> = inline.iter().chain(keys.iter().filter(|k| &k.issuer == name)).collect();
         let (set, errors) = KeySet::from_jwks(issuer, &refs, now);
         for e in errors {
@@ -307,6 +340,30 @@ fn compile_verifiers(
             violations.push(Violation { kind, name, field: field.into(), message: e.to_string() });
         }
         out.insert(name.clone(), Arc::new(Verifier::new(issuer, set)));
+    }
+    out
+}
+
+/// One introspector per issuer with an introspection endpoint (client secrets read here).
+fn compile_introspectors(
+    issuers: &HashMap<String, Arc<model::Issuer>>,
+    verifiers: &HashMap<String, Arc<Verifier>>,
+    violations: &mut Vec<Violation>,
+) -> HashMap<String, Arc<Introspector>> {
+    let mut out = HashMap::new();
+    for (name, issuer) in issuers {
+        let (Some(config), Some(verifier)) = (&issuer.introspection, verifiers.get(name)) else { continue };
+        match Introspector::compile(issuer, config, Arc::clone(verifier)) {
+            Ok(i) => {
+                out.insert(name.clone(), Arc::new(i));
+            }
+            Err(e) => violations.push(Violation {
+                kind: Kind::Issuer,
+                name: name.clone(),
+                field: e.field.into(),
+                message: e.message,
+            }),
+        }
     }
     out
 }
@@ -454,5 +511,64 @@ mod tests {
         insert(&mut m, route("bad", "no-slash", "u", "p"));
         let err = compile(9, &m).unwrap_err();
         assert!(err.to_string().contains("route bad: match.path.exact"), "{err}");
+    }
+
+    fn secret_issuer(name: &str, keys: pb::key_source::Source, secret_file: &str) -> pb::Resource {
+        let hs = matches!(keys, pb::key_source::Source::SharedSecretFile(_));
+        pb::Resource {
+            kind: Some(pb::resource::Kind::Issuer(pb::Issuer {
+                name: name.into(),
+                issuer: "https://idp.test/".into(),
+                audiences: vec!["api".into()],
+                algorithms: vec![if hs { "HS256" } else { "RS256" }.into()],
+                keys: Some(pb::KeySource { source: Some(keys), ..Default::default() }),
+                introspection: (!secret_file.is_empty()).then(|| pb::Introspection {
+                    endpoint: "http://127.0.0.1:9/introspect".into(),
+                    client_id: "gw".into(),
+                    client_secret_file: secret_file.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn secret_files_are_read_by_the_proxy_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("secret");
+        std::fs::write(&good, "s3cr3t-value-that-is-long-enough-for-hs256!\n").unwrap();
+        let good = good.display().to_string();
+        let missing = dir.path().join("missing").display().to_string();
+        let inline = pb::key_source::Source::JwksUri("http://127.0.0.1:9/jwks".into());
+
+        let mut m = base();
+        insert(&mut m, secret_issuer("opaque", inline.clone(), &good));
+        insert(&mut m, secret_issuer("hmac", pb::key_source::Source::SharedSecretFile(good.clone()), ""));
+        let snap = compile(1, &m).unwrap();
+        let introspector = &snap.introspectors["opaque"];
+        let shown = format!("{introspector:?}");
+        assert!(shown.contains("<redacted>") && !shown.contains("s3cr3t"), "{shown}");
+        assert_eq!(snap.verifiers["hmac"].keys().len(), 1, "the secret file is the key set");
+        assert!(!snap.introspectors.contains_key("hmac"));
+
+        // An unreadable client secret or shared secret fails the version, naming the field.
+        let mut m = base();
+        insert(&mut m, secret_issuer("opaque", inline, &missing));
+        let err = compile(2, &m).unwrap_err().to_string();
+        assert!(err.contains("issuer opaque: introspection.client_secret_file: cannot read"), "{err}");
+        let mut m = base();
+        insert(&mut m, secret_issuer("hmac", pb::key_source::Source::SharedSecretFile(missing), ""));
+        let err = compile(3, &m).unwrap_err().to_string();
+        assert!(err.contains("issuer hmac: keys.shared_secret_file: cannot read"), "{err}");
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tiny").unwrap();
+        let mut m = base();
+        insert(
+            &mut m,
+            secret_issuer("hmac", pb::key_source::Source::SharedSecretFile(short.display().to_string()), ""),
+        );
+        let err = compile(4, &m).unwrap_err().to_string();
+        assert!(err.contains("keys.shared_secret_file: the shared secret is 4 bytes"), "{err}");
     }
 }

@@ -163,6 +163,8 @@ struct PolicySpec<'a> {
     forward_token: bool,
     claim_headers: &'a [(&'a str, &'a str)],
     report_only: bool,
+    /// Default: "idp".
+    issuer: Option<&'a str>,
 }
 
 fn policy(spec: PolicySpec<'_>) -> pb::Resource {
@@ -172,7 +174,7 @@ fn policy(spec: PolicySpec<'_>) -> pb::Resource {
         name: spec.name.into(),
         authentication: Some(pb::Authentication {
             mode: mode as i32,
-            issuers: vec!["idp".into()],
+            issuers: vec![spec.issuer.unwrap_or("idp").into()],
             tokens,
             ..Default::default()
         }),
@@ -202,6 +204,26 @@ fn route(name: &str, policy: &str) -> pb::Resource {
     }))
 }
 
+/// The HS256 secret of the shared-secret issuer, in a file the proxy reads (as it would a
+/// mounted secret).
+const HMAC_SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+fn hmac_issuer() -> pb::Resource {
+    let path = std::env::temp_dir().join(format!("portcullis-proxy-auth-hmac-{}", std::process::id()));
+    std::fs::write(&path, format!("{HMAC_SECRET}\n")).unwrap();
+    resource(pb::resource::Kind::Issuer(pb::Issuer {
+        name: "hmac-idp".into(),
+        issuer: ISS.into(),
+        audiences: vec![AUD.into()],
+        algorithms: vec!["HS256".into()],
+        keys: Some(pb::KeySource {
+            source: Some(pb::key_source::Source::SharedSecretFile(path.display().to_string())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }))
+}
+
 fn config(k: &Keys, upstream: SocketAddr) -> ResourceMap {
     let mut m = ResourceMap::new();
     let headers = [("sub", "x-user"), ("tenant", "x-tenant"), ("roles", "x-roles"), ("missing", "x-missing")];
@@ -227,6 +249,9 @@ fn config(k: &Keys, upstream: SocketAddr) -> ResourceMap {
             ..Default::default()
         }),
         policy(PolicySpec { name: "opaque", opaque_only: true, ..Default::default() }),
+        hmac_issuer(),
+        policy(PolicySpec { name: "hmac", issuer: Some("hmac-idp"), ..Default::default() }),
+        route("hmac", "hmac"),
         policy(PolicySpec { name: "report", scopes: &["orders:write"], report_only: true, ..Default::default() }),
         route("req", "required"),
         route("write", "writer"),
@@ -441,7 +466,7 @@ async fn optional_passes_anonymously_and_verifies_a_token_that_is_sent() {
 }
 
 #[tokio::test]
-async fn an_opaque_only_policy_refuses_jwts_for_now() {
+async fn an_opaque_policy_without_introspection_refuses_every_token() {
     let h = Harness::start().await;
     let res = h.bearer("/opaque", &rs256(&h.keys, &claims())).await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -508,4 +533,21 @@ fn an_unusable_key_fails_the_version() {
     let snap = snapshot::compile(5, &m).unwrap();
     assert_eq!(snap.verifiers["idp"].keys().len(), 3);
     assert!(snap.route_verifiers.iter().all(|v| v.len() == 1));
+}
+
+#[tokio::test]
+async fn a_shared_secret_issuer_verifies_hs256_with_the_secret_the_proxy_read() {
+    let h = Harness::start().await;
+    let hs256 = |secret: &[u8]| {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(), &EncodingKey::from_secret(secret)).unwrap()
+    };
+    let res = h.bearer("/hmac", &hs256(HMAC_SECRET.as_bytes())).await;
+    assert_eq!(res.status(), StatusCode::OK, "{:?}", res.body());
+    let res = h.bearer("/hmac", &hs256(b"another-secret-of-at-least-32-bytes!!")).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(h.metrics.route("hmac").denied(Reason::TokenSignatureInvalid), 1);
+    // An asymmetric token never passes a shared-secret issuer.
+    let res = h.bearer("/hmac", &rs256(&h.keys, &claims())).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(h.upstream_count(), 1);
 }

@@ -250,9 +250,10 @@ fn config(live: SocketAddr, dead: SocketAddr) -> ResourceMap {
             name: "idp".into(),
             issuer: "https://idp.example".into(),
             audiences: vec!["api".into()],
-            algorithms: vec!["HS256".into()],
+            algorithms: vec!["RS256".into()],
             keys: Some(pb::KeySource {
-                source: Some(pb::key_source::Source::SharedSecretFile("/nonexistent/secret".into())),
+                // never fetched by a proxy: the issuer simply has no keys yet
+                source: Some(pb::key_source::Source::JwksUri("http://127.0.0.1:9/jwks".into())),
                 ..Default::default()
             }),
             ..Default::default()

@@ -835,6 +835,8 @@ struct IntrospectionDoc {
     cache_ttl: Option<Dur>,
     #[serde(skip_serializing_if = "Option::is_none")]
     negative_cache_ttl: Option<Dur>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<Dur>,
 }
 
 impl IssuerSpec {
@@ -861,6 +863,7 @@ impl IssuerSpec {
                 client_secret_file: i.client_secret_file,
                 cache_ttl: i.cache_ttl.map(|d| d.0),
                 negative_cache_ttl: i.negative_cache_ttl.map(|d| d.0),
+                timeout: i.timeout.map(|d| d.0),
             }),
             require_at_jwt: self.require_at_jwt,
         }
@@ -891,6 +894,7 @@ impl IssuerSpec {
                 client_secret_file: i.client_secret_file.clone(),
                 cache_ttl: opt_dur(i.cache_ttl.as_ref()),
                 negative_cache_ttl: opt_dur(i.negative_cache_ttl.as_ref()),
+                timeout: opt_dur(i.timeout.as_ref()),
             }),
             require_at_jwt: p.require_at_jwt,
         }
@@ -1452,7 +1456,7 @@ spec:
     refresh_interval: 5m
   clock_skew: 60s
   max_token_age: 1h
-  introspection: {endpoint: https://idp.example.com/introspect, client_id: gw, client_secret_file: /run/secrets/gw, cache_ttl: 5m, negative_cache_ttl: 5s}
+  introspection: {endpoint: https://idp.example.com/introspect, client_id: gw, client_secret_file: /run/secrets/gw, cache_ttl: 5m, negative_cache_ttl: 5s, timeout: 2s}
   require_at_jwt: true
 ---
 # a comment between documents
@@ -1541,6 +1545,7 @@ spec: {cidr: 192.0.2.0/24, reason: scanner}
                     client_secret_file: "/run/secrets/gw".into(),
                     cache_ttl: dur(300, 0),
                     negative_cache_ttl: dur(5, 0),
+                    timeout: dur(2, 0),
                 }),
                 require_at_jwt: true,
                 ..Default::default()

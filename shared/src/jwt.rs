@@ -101,6 +101,10 @@ pub enum JwtError {
     AudienceMismatch,
     #[error("token claim {0:?} is missing or of the wrong type")]
     ClaimInvalid(&'static str),
+    /// The authorization server's introspection says the (opaque) token is not active: unknown,
+    /// revoked or expired there.
+    #[error("token is not active at its issuer")]
+    Inactive,
 }
 
 impl JwtError {
@@ -123,6 +127,7 @@ impl JwtError {
             JwtError::IssuerMismatch => "token_issuer_mismatch",
             JwtError::AudienceMismatch => "token_audience_mismatch",
             JwtError::ClaimInvalid(_) => "token_claim_invalid",
+            JwtError::Inactive => "token_inactive",
         }
     }
 
@@ -950,6 +955,115 @@ fn numeric_date(v: &Value) -> Option<u64> {
 
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------- introspection
+
+/// How long after its `iat` an RFC 9701 introspection response is still taken as fresh (on top
+/// of the issuer's clock skew). The proxy asks for it and uses it at once; an older one is a
+/// replay or a badly skewed clock.
+pub const INTROSPECTION_RESPONSE_MAX_AGE: u64 = 300;
+
+/// Why an introspection answer was not accepted: the answer itself could not be trusted
+/// (signature, type, audience of the response) — a fault between the proxy and the
+/// authorization server, not the client's — or the token it describes is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IntrospectionError {
+    #[error("introspection response refused: {0}")]
+    Response(JwtError),
+    #[error(transparent)]
+    Token(JwtError),
+}
+
+impl Verifier {
+    /// An RFC 9701 introspection response (`application/token-introspection+jwt`): a JWT signed by
+    /// this issuer's keys, `typ` `token-introspection+jwt`, `iss` the issuer, `aud` the
+    /// introspecting client (`client_id`), a fresh `iat`, and the RFC 7662 answer in its
+    /// `token_introspection` claim. The answer must say `active: true` and pass the same claim
+    /// rules as a JWT access token of this issuer (iss, aud, exp, nbf, iat, max age). The
+    /// verified token's claims are the answer's.
+    pub fn verify_introspection_jwt(
+        &self,
+        response: &str,
+        client_id: &str,
+        now: SystemTime,
+    ) -> Result<VerifiedToken, IntrospectionError> {
+        let bad = IntrospectionError::Response;
+        let token = parse(response).map_err(bad)?;
+        if !self.allowed.contains(token.alg) {
+            return Err(bad(JwtError::AlgNotAllowed));
+        }
+        let key = self.keys.find(token.kid.as_deref()).map_err(bad)?;
+        if !key.allowed.contains(token.alg) {
+            return Err(bad(JwtError::AlgKeyMismatch));
+        }
+        let typ_ok = token.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case("token-introspection+jwt")
+                || t.eq_ignore_ascii_case("application/token-introspection+jwt")
+        });
+        if !typ_ok {
+            return Err(bad(JwtError::TypInvalid));
+        }
+        match token.claims.get("iss") {
+            Some(Value::String(iss)) if *iss == self.iss => {}
+            _ => return Err(bad(JwtError::IssuerMismatch)),
+        }
+        let aud_ok = match token.claims.get("aud") {
+            Some(Value::String(a)) => a == client_id,
+            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(client_id)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(bad(JwtError::AudienceMismatch));
+        }
+        let secs = unix_secs(now);
+        let iat = token.claims.get("iat").and_then(numeric_date).ok_or(bad(JwtError::ClaimInvalid("iat")))?;
+        if iat > secs.saturating_add(self.skew) {
+            return Err(bad(JwtError::NotYetValid));
+        }
+        if secs > iat.saturating_add(INTROSPECTION_RESPONSE_MAX_AGE).saturating_add(self.skew) {
+            return Err(bad(JwtError::TooOld));
+        }
+        let signature_ok = B64_STRICT
+            .decode(token.signature)
+            .is_ok_and(|sig| key.material.verify(token.alg, token.signing_input.as_bytes(), &sig));
+        if !signature_ok {
+            return Err(bad(JwtError::SignatureInvalid));
+        }
+        let mut claims = token.claims;
+        let Some(Value::Object(answer)) = claims.remove("token_introspection") else {
+            return Err(bad(JwtError::ClaimInvalid("token_introspection")));
+        };
+        self.accept_introspection(answer, key.kid.clone(), token.alg, now)
+    }
+
+    /// A plain RFC 7662 JSON answer. It carries no signature: it is trusted because the proxy
+    /// fetched it itself, from the configured endpoint, authenticated as the issuer's client.
+    pub fn accept_introspection_json(&self, body: &[u8], now: SystemTime) -> Result<VerifiedToken, IntrospectionError> {
+        let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+            return Err(IntrospectionError::Response(JwtError::Malformed(
+                "introspection response is not a JSON object",
+            )));
+        };
+        self.accept_introspection(answer, String::new(), Algorithm::RS256, now)
+    }
+
+    fn accept_introspection(
+        &self,
+        answer: Map<String, Value>,
+        kid: String,
+        alg: Algorithm,
+        now: SystemTime,
+    ) -> Result<VerifiedToken, IntrospectionError> {
+        match answer.get("active") {
+            Some(Value::Bool(true)) => {}
+            Some(Value::Bool(false)) => return Err(IntrospectionError::Token(JwtError::Inactive)),
+            _ => return Err(IntrospectionError::Response(JwtError::ClaimInvalid("active"))),
+        }
+        let Claims { exp, iat, sub, client_id, jti, scopes } =
+            self.check_claims(&answer, unix_secs(now)).map_err(IntrospectionError::Token)?;
+        Ok(VerifiedToken { claims: answer, sub, client_id, jti, scopes, exp, iat, kid, alg, issuer: self.name.clone() })
+    }
 }
 
 // ---------------------------------------------------------------- cache

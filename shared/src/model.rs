@@ -256,6 +256,7 @@ pub struct Introspection {
     pub client_secret_file: Option<String>,
     pub cache_ttl: Duration,
     pub negative_cache_ttl: Duration,
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -419,6 +420,13 @@ impl TryFrom<&pb::Issuer> for Issuer {
                         i.negative_cache_ttl.as_ref(),
                         Duration::from_secs(5),
                         Duration::from_secs(3600),
+                    ),
+                    timeout: bounded_duration(
+                        &mut c,
+                        "introspection.timeout",
+                        i.timeout.as_ref(),
+                        Duration::from_secs(3),
+                        Duration::from_secs(60),
                     ),
                 })
             }

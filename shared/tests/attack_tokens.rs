@@ -1054,3 +1054,148 @@ fn cache_answers_like_verify() {
     assert_eq!(cache.verify(&[&hs], &good, now()).unwrap_err().reason(), "token_alg_not_allowed");
     assert_eq!(cache.len(), 2);
 }
+
+// ---------------------------------------------------------------- RFC 9701 introspection responses
+
+const CLIENT: &str = "gateway";
+
+/// A signed RFC 9701 response: `typ` token-introspection+jwt, aud the client, `answer` inside.
+fn introspection(k: &Keys, header: Value, envelope: Value, answer: Value) -> String {
+    let mut claims = with(json!({"iss": ISS, "aud": CLIENT, "iat": T0}), envelope);
+    claims["token_introspection"] = answer;
+    sign(&header, &claims, &k.rsa.signing)
+}
+
+fn active() -> Value {
+    json!({"active": true, "iss": ISS, "aud": AUD, "sub": "alice", "scope": "orders:read", "exp": T0 + 300})
+}
+
+#[test]
+fn introspection_responses() {
+    use jwt::IntrospectionError::{Response, Token};
+    let k = keys();
+    let v = strict(&k);
+    let header = json!({"alg": "RS256", "kid": "rsa-1", "typ": "token-introspection+jwt"});
+    let ok = introspection(&k, header.clone(), json!({}), active());
+    let t = v.verify_introspection_jwt(&ok, CLIENT, now()).unwrap();
+    assert_eq!(t.sub.as_deref(), Some("alice"));
+    assert_eq!(t.scopes, vec!["orders:read"]);
+    assert_eq!(t.exp, T0 + 300);
+    assert_eq!(t.kid, "rsa-1");
+    assert_eq!(t.claims["sub"], "alice", "the claims are the answer's, not the envelope's");
+    assert!(!t.claims.contains_key("token_introspection"));
+
+    let refused = |token: &str| v.verify_introspection_jwt(token, CLIENT, now()).unwrap_err();
+    // The envelope: anything wrong with it is the response's fault.
+    let cases: Vec<(&str, String, jwt::IntrospectionError)> = vec![
+        (
+            "plain at+jwt is not an introspection response",
+            introspection(&k, json!({"alg": "RS256", "kid": "rsa-1", "typ": "at+jwt"}), json!({}), active()),
+            Response(JwtError::TypInvalid),
+        ),
+        (
+            "no typ",
+            introspection(&k, json!({"alg": "RS256", "kid": "rsa-1"}), json!({}), active()),
+            Response(JwtError::TypInvalid),
+        ),
+        (
+            "for another client",
+            introspection(&k, header.clone(), json!({"aud": "someone-else"}), active()),
+            Response(JwtError::AudienceMismatch),
+        ),
+        (
+            "other issuer",
+            introspection(&k, header.clone(), json!({"iss": "https://evil/"}), active()),
+            Response(JwtError::IssuerMismatch),
+        ),
+        (
+            "stale (replayed)",
+            introspection(&k, header.clone(), json!({"iat": T0 - 3600}), active()),
+            Response(JwtError::TooOld),
+        ),
+        (
+            "from the future",
+            introspection(&k, header.clone(), json!({"iat": T0 + 3600}), active()),
+            Response(JwtError::NotYetValid),
+        ),
+        (
+            "no iat",
+            introspection(&k, header.clone(), json!({"iat": null}), active()),
+            Response(JwtError::ClaimInvalid("iat")),
+        ),
+        (
+            "signed by an attacker",
+            {
+                let mut claims = json!({"iss": ISS, "aud": CLIENT, "iat": T0});
+                claims["token_introspection"] = active();
+                sign(&header, &claims, &k.evil_rsa.signing)
+            },
+            Response(JwtError::SignatureInvalid),
+        ),
+        (
+            "unknown kid",
+            introspection(
+                &k,
+                json!({"alg": "RS256", "kid": "rsa-9", "typ": "token-introspection+jwt"}),
+                json!({}),
+                active(),
+            ),
+            Response(JwtError::KidUnknown { kid: Some("rsa-9".into()) }),
+        ),
+        (
+            "answer missing",
+            { sign(&header, &json!({"iss": ISS, "aud": CLIENT, "iat": T0}), &k.rsa.signing) },
+            Response(JwtError::ClaimInvalid("token_introspection")),
+        ),
+        (
+            "active not a boolean",
+            introspection(&k, header.clone(), json!({}), with(active(), json!({"active": "true"}))),
+            Response(JwtError::ClaimInvalid("active")),
+        ),
+        // The token it describes: refused like a JWT of the issuer would be.
+        ("inactive", introspection(&k, header.clone(), json!({}), json!({"active": false})), Token(JwtError::Inactive)),
+        (
+            "expired",
+            introspection(&k, header.clone(), json!({}), with(active(), json!({"exp": T0 - 3600}))),
+            Token(JwtError::Expired),
+        ),
+        (
+            "no exp",
+            introspection(&k, header.clone(), json!({}), with(active(), json!({"exp": null}))),
+            Token(JwtError::ClaimInvalid("exp")),
+        ),
+        (
+            "other audience",
+            introspection(&k, header.clone(), json!({}), with(active(), json!({"aud": "api://payroll"}))),
+            Token(JwtError::AudienceMismatch),
+        ),
+        (
+            "token of another issuer",
+            introspection(&k, header.clone(), json!({}), with(active(), json!({"iss": "https://evil/"}))),
+            Token(JwtError::IssuerMismatch),
+        ),
+        (
+            "string exp",
+            introspection(&k, header.clone(), json!({}), with(active(), json!({"exp": "9999999999"}))),
+            Token(JwtError::ClaimInvalid("exp")),
+        ),
+    ];
+    for (name, token, want) in cases {
+        assert_eq!(refused(&token), want, "{name}");
+    }
+}
+
+#[test]
+fn introspection_json_answers() {
+    use jwt::IntrospectionError::{Response, Token};
+    let v = strict(&keys());
+    let t = v.accept_introspection_json(active().to_string().as_bytes(), now()).unwrap();
+    assert_eq!(t.sub.as_deref(), Some("alice"));
+    assert_eq!(t.kid, "", "no key verified a JSON answer");
+    let refused = |body: &str| v.accept_introspection_json(body.as_bytes(), now()).unwrap_err();
+    assert_eq!(refused(r#"{"active":false}"#), Token(JwtError::Inactive));
+    assert_eq!(refused("[1]"), Response(JwtError::Malformed("introspection response is not a JSON object")));
+    assert_eq!(refused("{"), Response(JwtError::Malformed("introspection response is not a JSON object")));
+    assert_eq!(refused(r#"{"sub":"alice"}"#), Response(JwtError::ClaimInvalid("active")));
+    assert_eq!(refused(&with(active(), json!({"exp": T0 - 3600})).to_string()), Token(JwtError::Expired));
+}
