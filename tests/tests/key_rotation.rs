@@ -85,7 +85,7 @@ impl Drop for Rotation {
 }
 
 fn start_rotation(state: &Arc<ConfigState>, config: KeyRotationConfig) -> Rotation {
-    let rotation = KeyRotation::new(Arc::clone(state), config);
+    let rotation = KeyRotation::new(Arc::clone(state), config).unwrap();
     let handle = rotation.handle();
     let stop = CancellationToken::new();
     tokio::spawn(rotation.run(stop.clone()));
