@@ -2,10 +2,9 @@
 //! connections ([`IdlePool`], kept in the endpoint state); HTTP/2 upstreams (prior knowledge, or
 //! ALPN `h2` over TLS) and protocol switches use hyper-util's pooled client, built once and kept
 //! across config versions (idle HTTP/1.1 connections are bounded per endpoint and closed after
-//! 90 s unused); the
-//! attempt loop (endpoint choice, passive health, retries, deadlines); the request body limit;
-//! hop-by-hop header removal; the `X-Forwarded-*`/`Forwarded` headers; and the byte tunnel of an
-//! accepted `Upgrade`.
+//! 90 s unused); the attempt loop (endpoint choice, passive health, retries, deadlines); the
+//! request body limit; hop-by-hop header removal; the `X-Forwarded-*`/`Forwarded` headers; and
+//! the byte tunnel of an accepted `Upgrade`.
 //!
 //! Upstream TLS: an upstream with `tls` enabled connects with rustls using the [`TlsSettings`]
 //! compiled with the snapshot (no file is read here). Its HTTP/1.1 connections go through the
@@ -185,7 +184,7 @@ impl tower_service::Service<Uri> for Connector {
 /// The connector of a TLS upstream's own legacy clients: [`Connector`]'s TCP connect, then the
 /// rustls handshake with the upstream's settings, all within the endpoint's connect timeout.
 #[derive(Clone, Debug)]
-pub struct TlsConnector {
+pub struct UpstreamTlsConnector {
     http: HttpConnector,
     timeouts: Arc<ConnectTimeouts>,
     tls: Arc<TlsSettings>,
@@ -193,7 +192,7 @@ pub struct TlsConnector {
 
 type TlsConnecting = Pin<Box<dyn Future<Output = Result<TokioIo<HttpsStream>, ConnectError>> + Send>>;
 
-impl tower_service::Service<Uri> for TlsConnector {
+impl tower_service::Service<Uri> for UpstreamTlsConnector {
     type Response = TokioIo<HttpsStream>;
     type Error = ConnectError;
     type Future = TlsConnecting;
@@ -228,8 +227,8 @@ impl tower_service::Service<Uri> for TlsConnector {
 /// A TLS upstream's HTTP/1.1 (protocol switches) and HTTP/2 clients.
 #[derive(Clone, Debug)]
 pub struct TlsClients {
-    h1: Client<TlsConnector, RequestBody>,
-    h2: Client<TlsConnector, RequestBody>,
+    h1: Client<UpstreamTlsConnector, RequestBody>,
+    h2: Client<UpstreamTlsConnector, RequestBody>,
 }
 
 // ------------------------------------------------------------------ HTTP/1.1 pool
@@ -472,7 +471,7 @@ impl Forwarder {
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.set_connect_timeout(None); // ours, per endpoint, over TCP and TLS
         http.enforce_http(false); // the URIs say https
-        let connector = TlsConnector { http, timeouts: Arc::clone(&self.timeouts), tls: Arc::clone(tls) };
+        let connector = UpstreamTlsConnector { http, timeouts: Arc::clone(&self.timeouts), tls: Arc::clone(tls) };
         let mut builder = client_builder();
         let h1 = builder.build(connector.clone());
         builder.http2_only(true);

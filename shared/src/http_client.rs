@@ -11,13 +11,18 @@
 //!   URI host as SNI and certificate name (an IP host is verified against an IP SAN). Its
 //!   connections are [`HttpsStream`]s, which report a negotiated `h2` ALPN to the client.
 //!
-//! ```ignore
+//! ```no_run
+//! # async fn fetch() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
 //! use portcullis_shared::http_client::{HttpsConnector, tls_client_config};
-//! let tls = tls_client_config(None, &[b"http/1.1"])?;            // system roots
+//!
+//! let tls = tls_client_config(None, &[b"http/1.1"])?; // the system roots
 //! let connector = HttpsConnector::new(tls, Duration::from_secs(5));
-//! let client: Client<HttpsConnector, Empty<Bytes>> =
-//!     Client::builder(TokioExecutor::new()).build(connector);
+//! let client: Client<HttpsConnector, String> = Client::builder(TokioExecutor::new()).build(connector);
 //! let response = client.get("https://idp.example.com/jwks".parse()?).await?;
+//! # Ok(()) }
 //! ```
 //!
 //! Users: the control plane's JWKS / OIDC discovery fetches (`control-plane/src/keys.rs`) and the
