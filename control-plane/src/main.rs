@@ -97,6 +97,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let state = ConfigState::start(store, shutdown.clone()).await.context("loading the configuration")?;
+    // Before binding: a bad --issuer-ca-file stops start-up while no port is taken yet.
+    let rotation_config =
+        KeyRotationConfig { grace: args.key_grace, issuer_ca_file: args.issuer_ca_file.clone(), ..Default::default() };
+    let rotation = KeyRotation::new(Arc::clone(&state), rotation_config).context("--issuer-ca-file")?;
     let admin_listener = tokio::net::TcpListener::bind(&args.admin_listen)
         .await
         .with_context(|| format!("binding the admin API to {}", args.admin_listen))?;
@@ -105,9 +109,6 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the proxy listener to {}", args.proxy_listen))?;
     let registry = Arc::new(ProxyRegistry::new());
     // Idempotent writes: several replicas may run it side by side (one leader would be better).
-    let rotation_config =
-        KeyRotationConfig { grace: args.key_grace, issuer_ca_file: args.issuer_ca_file.clone(), ..Default::default() };
-    let rotation = KeyRotation::new(Arc::clone(&state), rotation_config).context("--issuer-ca-file")?;
     let rotation_task = tokio::spawn(rotation.run(shutdown.clone()));
     let admin = async {
         admin::serve(Arc::clone(&state), Arc::clone(&registry), admin_listener, shutdown.clone())
