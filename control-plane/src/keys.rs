@@ -10,10 +10,13 @@
 //! issuer is a single [`ConfigState::write`]; unchanged keys are not rewritten, so replicas running
 //! this task side by side do not fight.
 //!
-//! Only `http://` key sources are fetched for now: `https://` fails with a clear error.
-//! Key material is never logged: log lines name the issuer and the `kid` only.
+//! Key sources may be `https://` (verified against the system roots, or the PEM bundle of
+//! [`KeyRotationConfig::issuer_ca_file`] for a private IdP CA) or `http://` (development and
+//! tests). The client is [`portcullis_shared::http_client::HttpsConnector`]; redirects are not
+//! followed. Key material is never logged: log lines name the issuer and the `kid` only.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,10 +24,10 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use portcullis_proto::config::v1 as pb;
 use portcullis_shared::Kind;
+use portcullis_shared::http_client::{HttpsConnector, TlsConfigError, tls_client_config};
 use portcullis_shared::model::{self, Algorithm, Issuer, KeySourceKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +52,9 @@ pub struct KeyRotationConfig {
     pub fetch_timeout: Duration,
     /// Largest discovery document or JWKS accepted.
     pub max_body_bytes: usize,
+    /// PEM bundle of the CAs that `https://` key sources must chain to (a private IdP CA);
+    /// `None`: the system roots.
+    pub issuer_ca_file: Option<PathBuf>,
 }
 
 impl Default for KeyRotationConfig {
@@ -58,6 +64,7 @@ impl Default for KeyRotationConfig {
             refetch_min_interval: Duration::from_secs(10),
             fetch_timeout: Duration::from_secs(5),
             max_body_bytes: 1024 * 1024,
+            issuer_ca_file: None,
         }
     }
 }
@@ -65,8 +72,6 @@ impl Default for KeyRotationConfig {
 /// Why fetching an issuer's keys failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("https key sources are not supported yet: {0}")]
-    HttpsUnsupported(String),
     #[error("invalid url {0:?}")]
     InvalidUrl(String),
     #[error("request to {url} failed: {message}")]
@@ -203,21 +208,30 @@ pub struct KeyRotation {
     shared: Arc<Shared>,
     tx: mpsc::Sender<RefetchRequest>,
     rx: mpsc::Receiver<RefetchRequest>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector, Empty<Bytes>>,
 }
 
 impl KeyRotation {
-    pub fn new(state: Arc<ConfigState>, config: KeyRotationConfig) -> KeyRotation {
+    /// Fails only when `config.issuer_ca_file` is set and cannot be used. Without it, system
+    /// roots that cannot be loaded are logged and `https://` key sources then fail to fetch
+    /// (inline and `http://` sources keep working).
+    pub fn new(state: Arc<ConfigState>, config: KeyRotationConfig) -> Result<KeyRotation, TlsConfigError> {
         let (tx, rx) = mpsc::channel(64);
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             last_refetch: Mutex::new(HashMap::new()),
             refetch_min_interval: config.refetch_min_interval,
         });
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.fetch_timeout));
+        let connector = match tls_client_config(config.issuer_ca_file.as_deref(), &[b"http/1.1"]) {
+            Ok(tls) => HttpsConnector::new(tls, config.fetch_timeout),
+            Err(e) if config.issuer_ca_file.is_none() => {
+                warn!(error = %e, "no trust roots: https key sources cannot be fetched");
+                HttpsConnector::http_only(config.fetch_timeout)
+            }
+            Err(e) => return Err(e),
+        };
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        KeyRotation { state, config, shared, tx, rx, client }
+        Ok(KeyRotation { state, config, shared, tx, rx, client })
     }
 
     pub fn handle(&self) -> KeyRotationHandle {
@@ -382,11 +396,8 @@ impl KeyRotation {
 
     /// GET `url`, bounded in time and size; returns the JSON body and the clamped max-age.
     async fn get_json(&self, url: &str) -> Result<(serde_json::Value, Option<Duration>), FetchError> {
-        if url.starts_with("https://") {
-            return Err(FetchError::HttpsUnsupported(url.to_owned()));
-        }
         let uri: hyper::Uri = url.parse().map_err(|_| FetchError::InvalidUrl(url.to_owned()))?;
-        if uri.scheme_str() != Some("http") {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(FetchError::InvalidUrl(url.to_owned()));
         }
         let request = hyper::Request::get(uri)
@@ -399,7 +410,7 @@ impl KeyRotation {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| FetchError::Request { url: url.to_owned(), message: e.to_string() })?;
+                .map_err(|e| FetchError::Request { url: url.to_owned(), message: error_chain(&e) })?;
             let status = response.status();
             if status != hyper::StatusCode::OK {
                 return Err(FetchError::Status { url: url.to_owned(), status: status.as_u16() });
@@ -596,6 +607,19 @@ pub fn key_name(issuer: &str, kid: &str) -> String {
     } else {
         format!("{issuer}-{clean}")
     }
+}
+
+/// An error with its sources (`client error (Connect): TLS handshake with …: invalid peer
+/// certificate: UnknownIssuer`): the legacy client's own message says little.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// `max-age=N` of one Cache-Control header value.

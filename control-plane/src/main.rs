@@ -56,6 +56,11 @@ struct Args {
     /// How long a key that disappeared from an issuer's JWKS stays valid (e.g. 1h, 30m).
     #[arg(long, env = "PORTCULLIS_KEY_GRACE", default_value = "1h", value_parser = parse_duration)]
     key_grace: std::time::Duration,
+    /// PEM bundle of the CA(s) that issuers' https `jwks_uri`/discovery servers must chain to
+    /// (a private IdP CA). Default: the system roots ($SSL_CERT_FILE or
+    /// /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, env = "PORTCULLIS_ISSUER_CA_FILE", value_name = "FILE")]
+    issuer_ca_file: Option<PathBuf>,
     #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
 }
@@ -92,6 +97,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let state = ConfigState::start(store, shutdown.clone()).await.context("loading the configuration")?;
+    // Before binding: a bad --issuer-ca-file stops start-up while no port is taken yet.
+    let rotation_config =
+        KeyRotationConfig { grace: args.key_grace, issuer_ca_file: args.issuer_ca_file.clone(), ..Default::default() };
+    let rotation = KeyRotation::new(Arc::clone(&state), rotation_config).context("--issuer-ca-file")?;
     let admin_listener = tokio::net::TcpListener::bind(&args.admin_listen)
         .await
         .with_context(|| format!("binding the admin API to {}", args.admin_listen))?;
@@ -100,8 +109,6 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the proxy listener to {}", args.proxy_listen))?;
     let registry = Arc::new(ProxyRegistry::new());
     // Idempotent writes: several replicas may run it side by side (one leader would be better).
-    let rotation =
-        KeyRotation::new(Arc::clone(&state), KeyRotationConfig { grace: args.key_grace, ..Default::default() });
     let rotation_task = tokio::spawn(rotation.run(shutdown.clone()));
     let admin = async {
         admin::serve(Arc::clone(&state), Arc::clone(&registry), admin_listener, shutdown.clone())

@@ -63,7 +63,7 @@ pub enum Reason {
     HeadersTooLarge,
     UpstreamConnectFailed,
     UpstreamReset,
-    UpstreamTlsUnsupported,
+    UpstreamTlsFailed,
     UpstreamUnavailable,
     UpstreamConnectTimeout,
     UpstreamTimeout,
@@ -113,7 +113,7 @@ impl Reason {
         Reason::HeadersTooLarge,
         Reason::UpstreamConnectFailed,
         Reason::UpstreamReset,
-        Reason::UpstreamTlsUnsupported,
+        Reason::UpstreamTlsFailed,
         Reason::UpstreamUnavailable,
         Reason::UpstreamConnectTimeout,
         Reason::UpstreamTimeout,
@@ -164,7 +164,7 @@ impl Reason {
             Reason::HeadersTooLarge => "headers_too_large",
             Reason::UpstreamConnectFailed => "upstream_connect_failed",
             Reason::UpstreamReset => "upstream_reset",
-            Reason::UpstreamTlsUnsupported => "upstream_tls_unsupported",
+            Reason::UpstreamTlsFailed => "upstream_tls_failed",
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::UpstreamConnectTimeout => "upstream_connect_timeout",
             Reason::UpstreamTimeout => "upstream_timeout",
@@ -213,7 +213,7 @@ impl Reason {
             | Reason::ClaimMismatch => StatusCode::FORBIDDEN,
             Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Reason::UpstreamConnectFailed | Reason::UpstreamReset | Reason::UpstreamTlsUnsupported => {
+            Reason::UpstreamConnectFailed | Reason::UpstreamReset | Reason::UpstreamTlsFailed => {
                 StatusCode::BAD_GATEWAY
             }
             Reason::UpstreamUnavailable | Reason::NotReady | Reason::IntrospectionUnavailable => {
@@ -281,7 +281,7 @@ impl Reason {
             Reason::IpNotAllowed => "the client address is not allowed",
             Reason::BodyTooLarge => "the request body is larger than the limit",
             Reason::HeadersTooLarge => "the request headers are larger than the limit",
-            Reason::UpstreamConnectFailed | Reason::UpstreamReset | Reason::UpstreamTlsUnsupported => {
+            Reason::UpstreamConnectFailed | Reason::UpstreamReset | Reason::UpstreamTlsFailed => {
                 "the upstream service could not be reached"
             }
             Reason::UpstreamUnavailable => "the upstream service is unavailable",
@@ -350,8 +350,9 @@ pub enum BadGateway {
     ConnectFailed,
     /// The connection broke before a response head arrived.
     Reset,
-    /// The upstream wants TLS, which the proxy does not speak to upstreams yet.
-    TlsUnsupported,
+    /// The TLS handshake with the upstream failed (its certificate did not verify against the
+    /// configured roots or name, no common protocol version or ALPN, not a TLS server).
+    TlsFailed,
 }
 
 /// Which deadline passed (504).
@@ -419,7 +420,7 @@ impl Denial {
             Denial::HeadersTooLarge => Reason::HeadersTooLarge,
             Denial::BadGateway(BadGateway::ConnectFailed) => Reason::UpstreamConnectFailed,
             Denial::BadGateway(BadGateway::Reset) => Reason::UpstreamReset,
-            Denial::BadGateway(BadGateway::TlsUnsupported) => Reason::UpstreamTlsUnsupported,
+            Denial::BadGateway(BadGateway::TlsFailed) => Reason::UpstreamTlsFailed,
             Denial::ServiceUnavailable => Reason::UpstreamUnavailable,
             Denial::GatewayTimeout(Timeout::Connect) => Reason::UpstreamConnectTimeout,
             Denial::GatewayTimeout(Timeout::Request) => Reason::UpstreamTimeout,
@@ -589,7 +590,7 @@ mod tests {
         check(Denial::HeadersTooLarge, 431, "headers_too_large", None);
         check(Denial::BadGateway(BadGateway::ConnectFailed), 502, "upstream_connect_failed", None);
         check(Denial::BadGateway(BadGateway::Reset), 502, "upstream_reset", None);
-        check(Denial::BadGateway(BadGateway::TlsUnsupported), 502, "upstream_tls_unsupported", None);
+        check(Denial::BadGateway(BadGateway::TlsFailed), 502, "upstream_tls_failed", None);
         check(Denial::ServiceUnavailable, 503, "upstream_unavailable", Some(("retry-after", "1")));
         check(Denial::GatewayTimeout(Timeout::Connect), 504, "upstream_connect_timeout", None);
         check(Denial::GatewayTimeout(Timeout::Request), 504, "upstream_timeout", None);

@@ -1,19 +1,27 @@
-//! Forwarding to upstreams: plain HTTP/1.1 requests go over a small per-endpoint stack of idle
-//! connections ([`IdlePool`], kept in the endpoint state); HTTP/2 upstreams (prior knowledge) and
-//! protocol switches use hyper-util's pooled client, built once and kept across config versions
-//! (idle HTTP/1.1 connections are bounded per endpoint and closed after 90 s unused); the
-//! attempt loop (endpoint choice, passive health, retries, deadlines); the request body limit;
-//! hop-by-hop header removal; the `X-Forwarded-*`/`Forwarded` headers; and the byte tunnel of an
-//! accepted `Upgrade`.
+//! Forwarding to upstreams: HTTP/1.1 requests go over a small per-endpoint stack of idle
+//! connections ([`IdlePool`], kept in the endpoint state); HTTP/2 upstreams (prior knowledge, or
+//! ALPN `h2` over TLS) and protocol switches use hyper-util's pooled client, built once and kept
+//! across config versions (idle HTTP/1.1 connections are bounded per endpoint and closed after
+//! 90 s unused); the attempt loop (endpoint choice, passive health, retries, deadlines); the
+//! request body limit; hop-by-hop header removal; the `X-Forwarded-*`/`Forwarded` headers; and
+//! the byte tunnel of an accepted `Upgrade`.
+//!
+//! Upstream TLS: an upstream with `tls` enabled connects with rustls using the [`TlsSettings`]
+//! compiled with the snapshot (no file is read here). Its HTTP/1.1 connections go through the
+//! same per-endpoint pool (so TLS connections are reused, one handshake per connection); its
+//! HTTP/2 and protocol-switch requests through a client of its own whose connector carries the
+//! settings ([`TlsClients`], in the upstream state). The connect timeout covers the TCP connect
+//! and the handshake. A failed handshake or certificate check is 502 `upstream_tls_failed`, with
+//! the reason in a warning log line. Plain upstreams take exactly the path they took before.
 //!
 //! Retries happen only when nothing reached the upstream: an idempotent method (GET, HEAD,
-//! OPTIONS, PUT, DELETE), no request body, a *connect* failure, and another endpoint to try; at
-//! most two. Connect refused/unreachable is 502, a connect or request deadline is 504.
+//! OPTIONS, PUT, DELETE), no request body, a *connect* (or TLS handshake) failure, and another
+//! endpoint to try; at most two. Connect refused/unreachable is 502, a connect or request
+//! deadline is 504.
 //!
 //! What it must not do: buffer bodies (both directions stream), forward hop-by-hop headers,
 //! leak an upstream error to the client (errors become a [`Denial`]; the detail goes to the log),
-//! or speak TLS to upstreams yet: an upstream with `tls` enabled is answered 502
-//! `upstream_tls_unsupported` and logged.
+//! or connect to a TLS upstream without verifying its certificate.
 
 use std::collections::VecDeque;
 use std::error::Error as StdError;
@@ -27,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
@@ -35,13 +43,14 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_shared::http_client::HttpsStream;
 use portcullis_shared::model::Upstream;
 use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::denial::{self, Denial, Reason};
-use crate::upstream::{ConnectTimeouts, UpstreamState};
+use crate::upstream::{ConnectTimeouts, Endpoint, TlsSettings, UpstreamState};
 
 /// At most this many retries after the first attempt.
 pub const MAX_RETRIES: usize = 2;
@@ -124,6 +133,10 @@ pub enum ConnectError {
     TimedOut(Duration),
     #[error("connect failed: {0}")]
     Failed(#[source] Box<dyn StdError + Send + Sync>),
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error("no valid TLS server name for {0}")]
+    ServerName(String),
 }
 
 /// `HttpConnector` with a per-endpoint connect timeout (an upstream's `connect_timeout`),
@@ -166,6 +179,56 @@ impl tower_service::Service<Uri> for Connector {
             }
         })
     }
+}
+
+/// The connector of a TLS upstream's own legacy clients: [`Connector`]'s TCP connect, then the
+/// rustls handshake with the upstream's settings, all within the endpoint's connect timeout.
+#[derive(Clone, Debug)]
+pub struct UpstreamTlsConnector {
+    http: HttpConnector,
+    timeouts: Arc<ConnectTimeouts>,
+    tls: Arc<TlsSettings>,
+}
+
+type TlsConnecting = Pin<Box<dyn Future<Output = Result<TokioIo<HttpsStream>, ConnectError>> + Send>>;
+
+impl tower_service::Service<Uri> for UpstreamTlsConnector {
+    type Response = TokioIo<HttpsStream>;
+    type Error = ConnectError;
+    type Future = TlsConnecting;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(|e| ConnectError::Failed(e.into()))
+    }
+
+    fn call(&mut self, uri: Uri) -> TlsConnecting {
+        let authority = uri.authority().cloned();
+        let timeout = self.timeouts.get(authority.as_ref().map_or("", |a| a.as_str()));
+        let name = authority.as_ref().and_then(|a| self.tls.server_name_for(a));
+        let connecting = tower_service::Service::<Uri>::call(&mut self.http, uri);
+        let tls = Arc::clone(&self.tls);
+        Box::pin(async move {
+            let Some(name) = name else {
+                return Err(ConnectError::ServerName(authority.map(|a| a.to_string()).unwrap_or_default()));
+            };
+            let handshake = async {
+                let tcp = connecting.await.map_err(|e| ConnectError::Failed(e.into()))?.into_inner();
+                tls.connector.connect(name, tcp).await.map_err(ConnectError::Tls)
+            };
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(stream)) => Ok(TokioIo::new(HttpsStream::from(stream))),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(ConnectError::TimedOut(timeout)),
+            }
+        })
+    }
+}
+
+/// A TLS upstream's HTTP/1.1 (protocol switches) and HTTP/2 clients.
+#[derive(Clone, Debug)]
+pub struct TlsClients {
+    h1: Client<UpstreamTlsConnector, RequestBody>,
+    h2: Client<UpstreamTlsConnector, RequestBody>,
 }
 
 // ------------------------------------------------------------------ HTTP/1.1 pool
@@ -284,19 +347,39 @@ enum SendError {
     Legacy(hyper_util::client::legacy::Error),
 }
 
-/// A new HTTP/1.1 connection to `authority`, its task spawned.
-async fn connect_h1(authority: &Authority, timeout: Duration) -> Result<H1Sender, SendError> {
+/// A new HTTP/1.1 connection to `endpoint`, over TLS when `tls` is set, its task spawned. The
+/// timeout covers the TCP connect and the TLS handshake.
+async fn connect_h1(endpoint: &Endpoint, timeout: Duration, tls: Option<&TlsSettings>) -> Result<H1Sender, SendError> {
+    let authority = &endpoint.authority;
     let host = authority.host();
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+    let default_port = if tls.is_some() { 443 } else { 80 };
+    let port = authority.port_u16().unwrap_or(default_port);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect((host, port))).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(SendError::Connect(ConnectError::Failed(e.into()))),
         Err(_) => return Err(SendError::Connect(ConnectError::TimedOut(timeout))),
     };
     let _ = stream.set_nodelay(true);
-    let (sender, connection) =
-        http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(SendError::Handshake)?;
+    let Some(tls) = tls else { return handshake_h1(TokioIo::new(stream)).await };
+    let Some(name) = endpoint.server_name.clone() else {
+        return Err(SendError::Connect(ConnectError::ServerName(authority.to_string())));
+    };
+    let stream = match tokio::time::timeout_at(deadline, tls.connector.connect(name, stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(SendError::Connect(ConnectError::Tls(e))),
+        Err(_) => return Err(SendError::Connect(ConnectError::TimedOut(timeout))),
+    };
+    handshake_h1(TokioIo::new(stream)).await
+}
+
+/// The HTTP/1.1 handshake on a new connection; its task is spawned.
+async fn handshake_h1<I>(io: I) -> Result<H1Sender, SendError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new().handshake(io).await.map_err(SendError::Handshake)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream connection ended with an error");
@@ -309,15 +392,16 @@ async fn connect_h1(authority: &Authority, timeout: Duration) -> Result<H1Sender
 /// connection could not take (it was closing) goes on another one; it never reached the
 /// upstream.
 async fn send_h1(
-    pool: &Arc<IdlePool>,
-    authority: &Authority,
+    endpoint: &Endpoint,
     connect_timeout: Duration,
+    tls: Option<&TlsSettings>,
     mut request: Request<RequestBody>,
 ) -> Result<Response<UpstreamBody>, SendError> {
+    let pool = &endpoint.idle;
     loop {
         let (mut sender, fresh) = match pool.take() {
             Some(sender) => (sender, false),
-            None => (connect_h1(authority, connect_timeout).await?, true),
+            None => (connect_h1(endpoint, connect_timeout, tls).await?, true),
         };
         if let Err(e) = sender.ready().await {
             if fresh {
@@ -350,26 +434,49 @@ pub struct Outgoing {
     pub body: RequestBody,
 }
 
-/// The upstream clients: one pool for HTTP/1.1, one for HTTP/2 prior knowledge.
+/// The legacy clients of plain upstreams: one for protocol switches (HTTP/1.1), one for HTTP/2
+/// prior knowledge. TLS upstreams get their own ([`TlsClients`]).
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     h1: Client<Connector, RequestBody>,
     h2: Client<Connector, RequestBody>,
+    timeouts: Arc<ConnectTimeouts>,
+}
+
+/// How every legacy client is set up.
+fn client_builder() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .set_host(false); // the pipeline sets Host to the client's
+    builder
 }
 
 impl Forwarder {
     pub fn new(timeouts: Arc<ConnectTimeouts>) -> Forwarder {
-        let connector = Connector::new(timeouts);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .set_host(false); // the pipeline sets Host to the client's
+        let connector = Connector::new(Arc::clone(&timeouts));
+        let mut builder = client_builder();
         let h1 = builder.build(connector.clone());
         builder.http2_only(true);
         let h2 = builder.build(connector);
-        Forwarder { h1, h2 }
+        Forwarder { h1, h2, timeouts }
+    }
+
+    /// The legacy clients of a TLS upstream, speaking TLS with `tls`.
+    fn tls_clients(&self, tls: &Arc<TlsSettings>) -> TlsClients {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.set_connect_timeout(None); // ours, per endpoint, over TCP and TLS
+        http.enforce_http(false); // the URIs say https
+        let connector = UpstreamTlsConnector { http, timeouts: Arc::clone(&self.timeouts), tls: Arc::clone(tls) };
+        let mut builder = client_builder();
+        let h1 = builder.build(connector.clone());
+        builder.http2_only(true);
+        let h2 = builder.build(connector);
+        TlsClients { h1, h2 }
     }
 
     /// Sends `out` to one of `upstream`'s endpoints, retrying on another endpoint only when a
@@ -381,16 +488,19 @@ impl Forwarder {
         deadline: tokio::time::Instant,
         out: Outgoing,
     ) -> Result<Response<UpstreamBody>, Denial> {
-        if upstream.tls.is_some() {
-            warn!(upstream.name = %upstream.name, "upstream TLS not supported yet");
-            state.metrics.record_error(Reason::UpstreamTlsUnsupported);
-            return Err(Denial::BadGateway(denial::BadGateway::TlsUnsupported));
-        }
         let Outgoing { method, path_and_query, mut headers, body } = out;
         let retryable = is_idempotent(&method) && body.is_end_stream() && state.endpoints.len() > 1;
         // Protocol switches go through the legacy client, which hands over the upgraded I/O.
         let pooled = !upstream.http2 && !headers.contains_key(header::UPGRADE);
         let (client, version) = if upstream.http2 { (&self.h2, Version::HTTP_2) } else { (&self.h1, Version::HTTP_11) };
+        let tls = state.tls.as_ref();
+        let tls_client = match tls {
+            Some(tls) if !pooled => {
+                let clients = state.tls_clients.get_or_init(|| self.tls_clients(tls));
+                Some(if upstream.http2 { &clients.h2 } else { &clients.h1 })
+            }
+            _ => None,
+        };
         let mut body = Some(body);
         let mut tried: SmallVec<[usize; MAX_RETRIES + 1]> = SmallVec::new();
         let mut outcome = Denial::BadGateway(denial::BadGateway::ConnectFailed);
@@ -403,7 +513,7 @@ impl Forwarder {
                 Uri::from(path_and_query.clone())
             } else {
                 let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(Scheme::HTTP);
+                parts.scheme = Some(if tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP });
                 parts.authority = Some(endpoint.authority.clone());
                 parts.path_and_query = Some(path_and_query.clone());
                 let Ok(uri) = Uri::from_parts(parts) else { break };
@@ -418,9 +528,13 @@ impl Forwarder {
             let _in_flight = state.start(i);
             let sending = async {
                 if pooled {
-                    send_h1(&endpoint.idle, &endpoint.authority, upstream.connect_timeout, request).await
+                    send_h1(endpoint, upstream.connect_timeout, tls.map(|t| &**t), request).await
                 } else {
-                    match client.request(request).await {
+                    let sent = match tls_client {
+                        Some(client) => client.request(request).await,
+                        None => client.request(request).await,
+                    };
+                    match sent {
                         Ok(response) => Ok(response.map(|inner| UpstreamBody { inner, give_back: None })),
                         Err(e) => Err(SendError::Legacy(e)),
                     }
@@ -455,6 +569,15 @@ impl Forwarder {
                 Failure::ClientBody => return Err(Denial::BadGateway(denial::BadGateway::Reset)),
                 Failure::ConnectTimeout => Denial::GatewayTimeout(denial::Timeout::Connect),
                 Failure::Connect => Denial::BadGateway(denial::BadGateway::ConnectFailed),
+                Failure::Tls => {
+                    warn!(
+                        upstream.name = %state.name,
+                        upstream.endpoint = %endpoint.authority,
+                        error = %ErrorChain(&error),
+                        "upstream TLS handshake failed"
+                    );
+                    Denial::BadGateway(denial::BadGateway::TlsFailed)
+                }
                 Failure::Reset => Denial::BadGateway(denial::BadGateway::Reset),
             };
             state.metrics.record_error(denial.reason_code());
@@ -466,7 +589,7 @@ impl Forwarder {
                     "endpoint ejected after consecutive failures"
                 );
             }
-            if !matches!(failure, Failure::Connect | Failure::ConnectTimeout) || last {
+            if !matches!(failure, Failure::Connect | Failure::ConnectTimeout | Failure::Tls) || last {
                 return Err(denial);
             }
             outcome = denial;
@@ -486,12 +609,15 @@ enum Failure {
     ClientBody,
     Connect,
     ConnectTimeout,
+    /// The TLS handshake or the certificate check failed.
+    Tls,
     Reset,
 }
 
 fn classify(e: &SendError) -> Failure {
     let mut source: Option<&(dyn StdError + 'static)> = match e {
         SendError::Connect(ConnectError::TimedOut(_)) => return Failure::ConnectTimeout,
+        SendError::Connect(ConnectError::Tls(_) | ConnectError::ServerName(_)) => return Failure::Tls,
         SendError::Connect(_) | SendError::Handshake(_) => return Failure::Connect,
         SendError::Request(e) => Some(e),
         SendError::Legacy(e) => e.source(),
@@ -503,8 +629,10 @@ fn classify(e: &SendError) -> Failure {
                 BodyError::Client(_) => Failure::ClientBody,
             };
         }
-        if let Some(ConnectError::TimedOut(_)) = s.downcast_ref::<ConnectError>() {
-            return Failure::ConnectTimeout;
+        match s.downcast_ref::<ConnectError>() {
+            Some(ConnectError::TimedOut(_)) => return Failure::ConnectTimeout,
+            Some(ConnectError::Tls(_) | ConnectError::ServerName(_)) => return Failure::Tls,
+            _ => {}
         }
         source = s.source();
     }

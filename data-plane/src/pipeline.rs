@@ -795,7 +795,9 @@ impl Pipeline {
             self.metrics.unmatched().record_denied(Denial::NotFound.reason_code(), start.elapsed());
             return problem(&Denial::NotFound, request_id);
         };
-        let state = Arc::clone(route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream)));
+        let state = Arc::clone(
+            route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream, route.tls.as_ref())),
+        );
         let metrics = Arc::clone(route.bindings.metrics.get_or_init(|| self.metrics.route(&route.route.name)));
 
         let upgrade = parts.version == Version::HTTP_11 && !route.upstream.http2 && forward::is_upgrade(&parts.headers);

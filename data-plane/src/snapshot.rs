@@ -29,15 +29,25 @@
 //! Each route gets the verifiers of its policy's issuers ([`Snapshot::route_verifiers`]), so the
 //! request path picks them by route index without a lookup.
 //!
+//! Upstream TLS is compiled here too: each Upstream with `tls.enabled` gets [`TlsSettings`] (a
+//! rustls client configuration with the roots of its `ca_file`, or the system roots, and ALPN
+//! `h2` or `http/1.1`, plus its `server_name`). Configurations are cached by (`ca_file`, ALPN)
+//! and carried to the next version: a push re-reads a CA file only when its modification time
+//! or size changed, so unchanged upstreams keep the very same settings (and with them their
+//! pooled connections, see `upstream.rs`). A `ca_file` (or system bundle) that cannot be read or
+//! holds no usable certificate is a violation of `tls.ca_file`: the version is NACKed.
+//!
 //! State that must outlive a swap (upstream connection pools, rate-limit buckets, token
 //! caches) is not in here: it lives beside the snapshot, keyed by stable identity.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use portcullis_proto::config::v1 as pb;
+use portcullis_shared::http_client::{self, tls_client_config};
 use portcullis_shared::jwt::{self, KeySet, Verifier};
 use portcullis_shared::kind::ResourceExt;
 use portcullis_shared::model::{self, Resource};
@@ -46,6 +56,7 @@ use portcullis_shared::{Kind, Violation, Violations};
 use crate::introspect::Introspector;
 use crate::pipeline::{RouteBindings, RoutePlan};
 use crate::router::RouteTable;
+use crate::upstream::TlsSettings;
 
 /// The resources of one config version, by kind and name.
 pub type ResourceMap = BTreeMap<(Kind, String), pb::Resource>;
@@ -64,6 +75,8 @@ pub struct CompiledRoute {
     pub route: model::Route,
     pub upstream: Arc<model::Upstream>,
     pub policy: Arc<model::Policy>,
+    /// The upstream's TLS settings (`None`: plain HTTP).
+    pub tls: Option<Arc<TlsSettings>>,
     /// What the request path needs, parsed once here (header names and values, the timeout).
     pub plan: RoutePlan,
     /// Handles to state outside the snapshot (metrics, endpoint state), resolved on first use.
@@ -78,6 +91,8 @@ pub struct Snapshot {
     /// Indexed by the route index the table returns.
     pub routes: Vec<Arc<CompiledRoute>>,
     pub upstreams: HashMap<String, Arc<model::Upstream>>,
+    /// The TLS settings of the upstreams with TLS enabled, by upstream name.
+    pub upstream_tls: HashMap<String, Arc<TlsSettings>>,
     pub policies: HashMap<String, Arc<model::Policy>>,
     pub issuers: HashMap<String, Arc<model::Issuer>>,
     pub keys: Vec<model::Key>,
@@ -103,6 +118,16 @@ struct Reuse {
     upstreams: HashMap<String, i64>,
     policies: HashMap<String, i64>,
     routes: HashMap<String, (i64, Arc<CompiledRoute>)>,
+    /// TLS client configurations by (CA file, `None` = system roots; HTTP/2), with the CA file's
+    /// stamp when it was read.
+    tls_configs: HashMap<(Option<String>, bool), (FileStamp, Arc<rustls::ClientConfig>)>,
+}
+
+/// What tells a changed CA file from an unchanged one without reading it.
+type FileStamp = (Option<SystemTime>, u64);
+
+fn file_stamp(path: &Path) -> FileStamp {
+    std::fs::metadata(path).map_or((None, 0), |m| (m.modified().ok(), m.len()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,11 +216,13 @@ pub fn compile_from(
             Ok(Resource::Route(r)) => routes.push((revision, r)),
         }
     }
-    // A reused route keeps its compiled form only if its upstream and policy are the very same
-    // objects as before; otherwise it is compiled again against the new ones.
+    let upstream_tls = compile_tls(&upstreams, previous, &mut reuse, &mut violations);
+    // A reused route keeps its compiled form only if its upstream, policy and TLS settings are
+    // the very same objects as before; otherwise it is compiled again against the new ones.
     for (revision, compiled) in reusable_routes {
         let unchanged = upstreams.get(&compiled.route.upstream).is_some_and(|u| Arc::ptr_eq(u, &compiled.upstream))
-            && policies.get(&compiled.route.policy).is_some_and(|p| Arc::ptr_eq(p, &compiled.policy));
+            && policies.get(&compiled.route.policy).is_some_and(|p| Arc::ptr_eq(p, &compiled.policy))
+            && same_tls(upstream_tls.get(&compiled.route.upstream), compiled.tls.as_ref());
         if unchanged {
             reuse.routes.insert(compiled.route.name.clone(), (revision, Arc::clone(&compiled)));
             kept.push(compiled);
@@ -228,8 +255,9 @@ pub fn compile_from(
         match (upstream, policy) {
             (Some(upstream), Some(policy)) => match RoutePlan::compile(&route, &upstream, &policy) {
                 Ok(plan) => {
-                    let c =
-                        Arc::new(CompiledRoute { route, upstream, policy, plan, bindings: RouteBindings::default() });
+                    let tls = upstream_tls.get(&route.upstream).cloned();
+                    let bindings = RouteBindings::default();
+                    let c = Arc::new(CompiledRoute { route, upstream, policy, tls, plan, bindings });
                     reuse.routes.insert(c.route.name.clone(), (revision, Arc::clone(&c)));
                     compiled.push(c);
                 }
@@ -269,6 +297,7 @@ pub fn compile_from(
         table,
         routes: compiled,
         upstreams,
+        upstream_tls,
         policies,
         issuers,
         keys,
@@ -279,6 +308,84 @@ pub fn compile_from(
         resource_count: resources.len(),
         reuse,
     })
+}
+
+fn same_tls(a: Option<&Arc<TlsSettings>>, b: Option<&Arc<TlsSettings>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// The TLS settings of every upstream with TLS enabled (see the module docs). The client
+/// configurations built or kept go into `reuse` for the next version.
+fn compile_tls(
+    upstreams: &HashMap<String, Arc<model::Upstream>>,
+    previous: Option<&Snapshot>,
+    reuse: &mut Reuse,
+    violations: &mut Vec<Violation>,
+) -> HashMap<String, Arc<TlsSettings>> {
+    let mut out = HashMap::new();
+    let violation = |name: &str, field: &str, message: String| Violation {
+        kind: Kind::Upstream,
+        name: name.to_owned(),
+        field: field.into(),
+        message,
+    };
+    for (name, upstream) in upstreams {
+        let Some(tls) = &upstream.tls else { continue };
+        let key = (tls.ca_file.clone(), upstream.http2);
+        let config = match reuse.tls_configs.get(&key) {
+            Some((_, config)) => Arc::clone(config),
+            None => {
+                let path = tls.ca_file.as_ref().map_or_else(http_client::system_roots_path, PathBuf::from);
+                let stamp = file_stamp(&path);
+                let cached = previous
+                    .and_then(|p| p.reuse.tls_configs.get(&key))
+                    .filter(|(seen, _)| stamp.0.is_some() && *seen == stamp);
+                let config = match cached {
+                    Some((_, config)) => Arc::clone(config),
+                    None => {
+                        let alpn: &[&[u8]] = if upstream.http2 { &[b"h2"] } else { &[b"http/1.1"] };
+                        match tls_client_config(tls.ca_file.as_deref().map(Path::new), alpn) {
+                            Ok(config) => config,
+                            Err(e) => {
+                                let message = match tls.ca_file {
+                                    Some(_) => e.to_string(),
+                                    None => format!("system roots: {e}"),
+                                };
+                                violations.push(violation(name, "tls.ca_file", message));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                reuse.tls_configs.insert(key, (stamp, Arc::clone(&config)));
+                config
+            }
+        };
+        let server_name = match &tls.server_name {
+            None => None,
+            Some(n) => match http_client::server_name(n) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    violations.push(violation(name, "tls.server_name", e.to_string()));
+                    continue;
+                }
+            },
+        };
+        // Unchanged settings stay the very same object: routes and pooled connections keep.
+        let kept = previous
+            .and_then(|p| p.upstream_tls.get(name))
+            .filter(|t| Arc::ptr_eq(t.config(), &config) && t.server_name == server_name);
+        let settings = match kept {
+            Some(t) => Arc::clone(t),
+            None => Arc::new(TlsSettings::new(config, server_name)),
+        };
+        out.insert(name.clone(), settings);
+    }
+    out
 }
 
 /// One verifier per issuer (see the module docs for what makes a key a violation).
@@ -503,6 +610,107 @@ mod tests {
         let err = compile(8, &m).unwrap_err();
         assert_eq!(err.version, 8);
         assert_eq!(err.violations.to_string(), "route r2: upstream: upstream \"nope\" does not exist");
+    }
+
+    fn tls_upstream(name: &str, ca_file: &str, server_name: &str, http2: bool) -> pb::Resource {
+        pb::Resource {
+            kind: Some(pb::resource::Kind::Upstream(pb::Upstream {
+                name: name.into(),
+                endpoints: vec!["127.0.0.1:9".into()],
+                tls: Some(pb::UpstreamTls { enabled: true, server_name: server_name.into(), ca_file: ca_file.into() }),
+                http2,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn test_ca() -> String {
+        format!("{}/../tests/keys/tls/test_ca.pem", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn an_unusable_ca_file_fails_the_whole_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        for (ca_file, expected) in [
+            ("/nonexistent/ca.pem", "reading CA certificates from /nonexistent/ca.pem"),
+            (empty.to_str().unwrap(), "holds no usable PEM CA certificate"),
+        ] {
+            let mut m = base();
+            insert(&mut m, tls_upstream("u", ca_file, "", false));
+            let err = compile(10, &m).unwrap_err().to_string();
+            assert!(err.starts_with("config version 10 rejected: upstream u: tls.ca_file: "), "{err}");
+            assert!(err.contains(ca_file) && err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_settings_are_built_once_and_kept_while_unchanged() {
+        let mut m = ResourceMap::new();
+        for (k, r) in base() {
+            m.insert(k, with_revision(r, 1));
+        }
+        insert(&mut m, with_revision(tls_upstream("u", &test_ca(), "", false), 2));
+        insert(&mut m, with_revision(tls_upstream("u2", &test_ca(), "api.internal", false), 2));
+        insert(&mut m, with_revision(tls_upstream("u3", &test_ca(), "", true), 2));
+        let first = compile_from(2, &m, None).unwrap();
+        let tls = |s: &Snapshot, n: &str| Arc::clone(&s.upstream_tls[n]);
+        assert!(Arc::ptr_eq(first.routes[0].tls.as_ref().unwrap(), &tls(&first, "u")));
+        // one configuration per (ca_file, ALPN), shared by upstreams
+        assert!(Arc::ptr_eq(tls(&first, "u").config(), tls(&first, "u2").config()));
+        assert!(!Arc::ptr_eq(tls(&first, "u").config(), tls(&first, "u3").config()));
+        assert_eq!(tls(&first, "u").config().alpn_protocols, [b"http/1.1".to_vec()]);
+        assert_eq!(tls(&first, "u3").config().alpn_protocols, [b"h2".to_vec()]);
+        assert_eq!(tls(&first, "u2").server_name, http_client::server_name("api.internal").ok());
+        assert_eq!(tls(&first, "u").server_name, None);
+
+        // u is stored again with the same TLS fields: the same settings (so the same upstream
+        // state and connection pools once the recompiled route resolves it)
+        insert(&mut m, with_revision(tls_upstream("u", &test_ca(), "", false), 3));
+        let second = compile_from(3, &m, Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(&tls(&first, "u"), &tls(&second, "u")));
+        assert!(Arc::ptr_eq(second.routes[0].tls.as_ref().unwrap(), &tls(&first, "u")));
+        // nothing changed: the route itself is kept
+        let again = compile_from(3, &m, Some(&second)).unwrap();
+        assert!(Arc::ptr_eq(&second.routes[0], &again.routes[0]));
+
+        // a new server name: new settings, the route is compiled again
+        insert(&mut m, with_revision(tls_upstream("u", &test_ca(), "other.internal", false), 4));
+        let third = compile_from(4, &m, Some(&second)).unwrap();
+        assert!(!Arc::ptr_eq(&tls(&second, "u"), &tls(&third, "u")));
+        assert!(Arc::ptr_eq(tls(&second, "u").config(), tls(&third, "u").config()), "the file was not re-read");
+        assert!(!Arc::ptr_eq(&second.routes[0], &third.routes[0]));
+        assert!(Arc::ptr_eq(third.routes[0].tls.as_ref().unwrap(), &tls(&third, "u")));
+
+        // TLS off: no settings
+        insert(&mut m, with_revision(base()[&(Kind::Upstream, "u".to_owned())].clone(), 5));
+        let fourth = compile_from(5, &m, Some(&third)).unwrap();
+        assert!(!fourth.upstream_tls.contains_key("u"));
+        assert!(fourth.routes[0].tls.is_none());
+    }
+
+    #[test]
+    fn a_changed_ca_file_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::copy(test_ca(), &ca).unwrap();
+        let mut m = base();
+        insert(&mut m, with_revision(tls_upstream("u", ca.to_str().unwrap(), "", false), 1));
+        let first = compile_from(1, &m, None).unwrap();
+        let again = compile_from(2, &m, Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(&first.upstream_tls["u"], &again.upstream_tls["u"]));
+        // another bundle (other size): read again
+        let other = format!("{}/../tests/keys/tls/other_ca.pem", env!("CARGO_MANIFEST_DIR"));
+        let bundle =
+            format!("{}{}", std::fs::read_to_string(test_ca()).unwrap(), std::fs::read_to_string(other).unwrap());
+        std::fs::write(&ca, bundle).unwrap();
+        let third = compile_from(3, &m, Some(&again)).unwrap();
+        assert!(!Arc::ptr_eq(again.upstream_tls["u"].config(), third.upstream_tls["u"].config()));
+        // and a file that went away fails the version
+        std::fs::remove_file(&ca).unwrap();
+        let err = compile_from(4, &m, Some(&third)).unwrap_err().to_string();
+        assert!(err.contains("tls.ca_file") && err.contains("ca.pem"), "{err}");
     }
 
     #[test]

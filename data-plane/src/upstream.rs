@@ -10,6 +10,11 @@
 //! passive ejection is a guess from past failures, and one more attempt that fails fast costs less
 //! than refusing all traffic until the ejection ends.
 //!
+//! An upstream with TLS enabled carries its compiled [`TlsSettings`] (built with the snapshot)
+//! in its state, and the settings' identity is part of the registry key: connections made (and
+//! pooled) under one trust configuration are never reused under another, and a plain upstream
+//! never gets a TLS connection or the other way round.
+//!
 //! What it must not do: lock on the request path (everything per request is atomics), read the
 //! clock unless some endpoint is ejected, or hold the policy knobs (balancing mode, thresholds):
 //! those come from the snapshot's `Upstream` at each call, so a push changes them at once.
@@ -17,11 +22,12 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use http::uri::Authority;
 use portcullis_shared::model::{LoadBalancing, Upstream};
+use rustls::pki_types::ServerName;
 use tokio::time::Instant;
 
 use crate::metrics::{Metrics, UpstreamMetrics};
@@ -30,10 +36,49 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 /// moment between a swap dropping the old snapshot and the new one resolving its routes).
 const ORPHAN_GRACE: Duration = Duration::from_secs(600);
 
+/// How to speak TLS to an upstream: its client configuration (trust roots and ALPN, shared by
+/// every upstream with the same `ca_file` and protocol) and the `tls.server_name` override.
+/// Compiled once per config version in `snapshot.rs`, reused while unchanged.
+pub struct TlsSettings {
+    pub connector: tokio_rustls::TlsConnector,
+    /// `tls.server_name`; `None`: each endpoint's host (an IP verifies against an IP SAN).
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("alpn", &self.config().alpn_protocols)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSettings {
+    pub fn new(config: Arc<rustls::ClientConfig>, server_name: Option<ServerName<'static>>) -> TlsSettings {
+        TlsSettings { connector: tokio_rustls::TlsConnector::from(config), server_name }
+    }
+
+    pub fn config(&self) -> &Arc<rustls::ClientConfig> {
+        self.connector.config()
+    }
+
+    /// The name to send (SNI) and verify for a connection to `authority`; `None` when neither
+    /// the override nor the host is a valid name.
+    pub fn server_name_for(&self, authority: &Authority) -> Option<ServerName<'static>> {
+        match &self.server_name {
+            Some(name) => Some(name.clone()),
+            None => portcullis_shared::http_client::server_name(authority.host()).ok(),
+        }
+    }
+}
+
 /// One endpoint (`host:port`) of an upstream.
 #[derive(Debug)]
 pub struct Endpoint {
     pub authority: Authority,
+    /// With TLS: the name to send and verify (computed once, not per connection).
+    pub server_name: Option<ServerName<'static>>,
     /// Idle HTTP/1.1 connections to this endpoint.
     pub idle: Arc<crate::forward::IdlePool>,
     in_flight: AtomicUsize,
@@ -54,6 +99,11 @@ pub struct UpstreamState {
     pub name: Arc<str>,
     pub endpoints: Box<[Endpoint]>,
     pub metrics: Arc<UpstreamMetrics>,
+    /// `Some` for an upstream with TLS enabled.
+    pub tls: Option<Arc<TlsSettings>>,
+    /// With TLS: this upstream's own HTTP/2 and protocol-switch clients (their connector
+    /// carries the TLS settings), built on first use.
+    pub tls_clients: OnceLock<crate::forward::TlsClients>,
     cursor: AtomicUsize,
     /// How many endpoints have an ejection deadline set (expired or not): 0 skips the clock.
     ejected: AtomicUsize,
@@ -73,11 +123,17 @@ impl Drop for InFlight<'_> {
 impl UpstreamState {
     /// A state for `endpoints`; endpoints that are not valid authorities are left out (the model
     /// validated them, so none is).
-    pub fn new(name: &str, endpoints: &[String], metrics: Arc<UpstreamMetrics>) -> UpstreamState {
+    pub fn new(
+        name: &str,
+        endpoints: &[String],
+        metrics: Arc<UpstreamMetrics>,
+        tls: Option<Arc<TlsSettings>>,
+    ) -> UpstreamState {
         let endpoints = endpoints
             .iter()
             .filter_map(|e| Authority::from_str(e).ok())
             .map(|authority| Endpoint {
+                server_name: tls.as_ref().and_then(|t| t.server_name_for(&authority)),
                 authority,
                 idle: Arc::default(),
                 in_flight: AtomicUsize::new(0),
@@ -89,6 +145,8 @@ impl UpstreamState {
             name: name.into(),
             endpoints,
             metrics,
+            tls,
+            tls_clients: OnceLock::new(),
             cursor: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
             base: Instant::now(),
@@ -214,9 +272,13 @@ struct Entry {
     orphaned_since: Option<std::time::Instant>,
 }
 
-/// Upstream states by (name, endpoints), outside any snapshot.
+/// What identifies an upstream's state: name, endpoints, and the address of its TLS settings
+/// (the state holds them, so the address stays theirs while the entry lives).
+type Key = (String, Vec<String>, Option<usize>);
+
+/// Upstream states by (name, endpoints, TLS settings), outside any snapshot.
 pub struct UpstreamRegistry {
-    entries: Mutex<HashMap<(String, Vec<String>), Entry>>,
+    entries: Mutex<HashMap<Key, Entry>>,
     metrics: Arc<Metrics>,
     connect_timeouts: Arc<ConnectTimeouts>,
 }
@@ -232,12 +294,14 @@ impl UpstreamRegistry {
         UpstreamRegistry { entries: Mutex::default(), metrics, connect_timeouts }
     }
 
-    /// The state of `upstream`, created on first use. Called once per route and config version
-    /// (the snapshot caches the result), so the lock is off the per-request path.
-    pub fn resolve(&self, upstream: &Upstream) -> Arc<UpstreamState> {
+    /// The state of `upstream` with its compiled `tls` settings, created on first use. Called
+    /// once per route and config version (the snapshot caches the result), so the lock is off
+    /// the per-request path.
+    pub fn resolve(&self, upstream: &Upstream, tls: Option<&Arc<TlsSettings>>) -> Arc<UpstreamState> {
         self.connect_timeouts.set(upstream);
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (upstream.name.clone(), upstream.endpoints.clone());
+        let tls_id = tls.map(|t| Arc::as_ptr(t) as usize);
+        let key = (upstream.name.clone(), upstream.endpoints.clone(), tls_id);
         if let Some(entry) = entries.get_mut(&key) {
             entry.orphaned_since = None;
             return Arc::clone(&entry.state);
@@ -252,8 +316,12 @@ impl UpstreamRegistry {
             let since = *e.orphaned_since.get_or_insert(now);
             now.duration_since(since) < ORPHAN_GRACE
         });
-        let state =
-            Arc::new(UpstreamState::new(&upstream.name, &upstream.endpoints, self.metrics.upstream(&upstream.name)));
+        let state = Arc::new(UpstreamState::new(
+            &upstream.name,
+            &upstream.endpoints,
+            self.metrics.upstream(&upstream.name),
+            tls.cloned(),
+        ));
         entries.insert(key, Entry { state: Arc::clone(&state), orphaned_since: None });
         state
     }
@@ -283,7 +351,7 @@ mod tests {
     }
 
     fn state(u: &Upstream) -> UpstreamState {
-        UpstreamState::new(&u.name, &u.endpoints, Metrics::new().upstream("u"))
+        UpstreamState::new(&u.name, &u.endpoints, Metrics::new().upstream("u"), None)
     }
 
     /// Picks `n` times (no retries) and returns the endpoint indices.
@@ -357,20 +425,34 @@ mod tests {
         let timeouts = Arc::new(ConnectTimeouts::new(Duration::from_secs(5)));
         let reg = UpstreamRegistry::new(metrics, Arc::clone(&timeouts));
         let mut u = upstream(&["a:1", "b:1"], LoadBalancing::RoundRobin, 1, Duration::from_secs(10));
-        let first = reg.resolve(&u);
+        let first = reg.resolve(&u, None);
         first.report_failure(0, &u);
         // same name and endpoints, other knobs changed: same state
         u.request_timeout = Duration::from_secs(7);
         u.connect_timeout = Duration::from_millis(250);
-        let second = reg.resolve(&u);
+        let second = reg.resolve(&u, None);
         assert!(Arc::ptr_eq(&first, &second));
         assert!(second.is_ejected(0));
         assert_eq!(timeouts.get("a:1"), Duration::from_millis(250));
         assert_eq!(timeouts.get("other:1"), Duration::from_secs(5));
         // new endpoint list: fresh state
         u.endpoints.push("c:1".into());
-        let third = reg.resolve(&u);
+        let third = reg.resolve(&u, None);
         assert!(!Arc::ptr_eq(&first, &third));
         assert!(!third.is_ejected(0));
+        assert!(third.endpoints[0].server_name.is_none(), "no TLS, no name");
+
+        // TLS settings are part of the identity: plain and TLS connections never share a pool
+        let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/keys/tls/test_ca.pem");
+        let config = portcullis_shared::http_client::tls_client_config(Some(&ca), &[b"http/1.1"]).unwrap();
+        let tls = Arc::new(TlsSettings::new(Arc::clone(&config), None));
+        let with_tls = reg.resolve(&u, Some(&tls));
+        assert!(!Arc::ptr_eq(&third, &with_tls));
+        assert!(Arc::ptr_eq(&with_tls, &reg.resolve(&u, Some(&tls))), "same settings, same state");
+        assert_eq!(with_tls.endpoints[2].server_name, ServerName::try_from("c").ok(), "the endpoint host");
+        let renamed = Arc::new(TlsSettings::new(config, ServerName::try_from("api.internal").ok()));
+        let with_name = reg.resolve(&u, Some(&renamed));
+        assert!(!Arc::ptr_eq(&with_tls, &with_name));
+        assert_eq!(with_name.endpoints[0].server_name, ServerName::try_from("api.internal").ok());
     }
 }

@@ -15,6 +15,9 @@
 //!   `Accept: application/token-introspection+jwt` a signed JWT whose `token_introspection`
 //!   claim holds that object.
 //!
+//! [`AuthServer::start_tls`] serves the same over https (the test certificate of [`crate::tls`];
+//! its URLs are then `https://127.0.0.1:PORT/…`, verified against the certificate's IP SAN).
+//!
 //! Signing keys are the fixed PEMs of `shared/tests/keys/` and `tests/keys/`: an RSA key that
 //! rotates ([`AuthServer::rotate`], [`AuthServer::retire_old`]) and an ES256 key always published.
 
@@ -125,10 +128,21 @@ pub struct AuthServer {
 }
 
 impl AuthServer {
+    /// An http server on a loopback port.
     pub async fn start() -> AuthServer {
+        Self::start_with(None).await
+    }
+
+    /// An https server on a loopback port, with the test certificate (HTTP/1.1).
+    pub async fn start_tls() -> AuthServer {
+        let tls = crate::tls::server_config(&[b"http/1.1"]);
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> AuthServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind auth server");
         let addr = listener.local_addr().expect("local addr");
-        let base = format!("http://{addr}");
+        let base = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
         let keys = Keys {
             rsa: vec![SigningKey::load("rsa-1", Algorithm::RS256, RSA_A)],
             pool: vec![SigningKey::load("rsa-2", Algorithm::RS256, RSA_B)],
@@ -148,7 +162,7 @@ impl AuthServer {
             next_opaque: AtomicU64::new(1),
         });
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stop.clone()));
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), tls, stop.clone()));
         AuthServer { addr, shared, stop }
     }
 
@@ -156,7 +170,8 @@ impl AuthServer {
         self.addr
     }
 
-    /// The `iss` of its tokens, also the discovery base URL (`http://127.0.0.1:PORT`).
+    /// The `iss` of its tokens, also the discovery base URL (`http://127.0.0.1:PORT`, or
+    /// `https://…` for [`AuthServer::start_tls`]).
     pub fn issuer(&self) -> String {
         self.shared.issuer.clone()
     }
@@ -413,7 +428,12 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
@@ -425,13 +445,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
                 }
             },
         };
-        let (shared, stop) = (Arc::clone(&shared), stop.clone());
+        let (shared, stop, tls) = (Arc::clone(&shared), stop.clone(), tls.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| respond(request, Arc::clone(&shared)));
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let served = async {
+                match tls {
+                    None => {
+                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    }
+                    // A client that does not trust the certificate aborts the handshake.
+                    Some(tls) => {
+                        if let Ok(stream) = tls.accept(stream).await {
+                            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => {}
-                _ = connection => {}
+                () = served => {}
             }
         });
     }

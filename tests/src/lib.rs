@@ -6,6 +6,7 @@ pub mod control_plane;
 pub mod etcd;
 pub mod resources;
 pub mod sandbox;
+pub mod tls;
 pub mod upstream;
 
 pub use control_plane::bin_path;

@@ -13,6 +13,20 @@ pub fn upstream(name: &str, endpoint: &str) -> pb::Resource {
     }
 }
 
+/// An upstream with TLS enabled: `ca_file` and `server_name` as given (empty: system roots, the
+/// endpoint host), HTTP/2 (ALPN `h2`) when `http2`.
+pub fn tls_upstream(name: &str, endpoint: &str, ca_file: &str, server_name: &str, http2: bool) -> pb::Resource {
+    pb::Resource {
+        kind: Some(K::Upstream(pb::Upstream {
+            name: name.into(),
+            endpoints: vec![endpoint.into()],
+            tls: Some(pb::UpstreamTls { enabled: true, server_name: server_name.into(), ca_file: ca_file.into() }),
+            http2,
+            ..Default::default()
+        })),
+    }
+}
+
 pub fn public_policy(name: &str, reason: &str) -> pb::Resource {
     pb::Resource {
         kind: Some(K::Policy(pb::Policy {

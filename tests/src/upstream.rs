@@ -5,6 +5,10 @@
 //! scenario. It is what proxies forward to in the end-to-end suites, and, with recording off, the
 //! example upstream of the README's quick start (`portcullis-example-upstream`).
 //!
+//! With [`UpstreamOptions::tls`] it serves TLS instead (the test certificate of
+//! [`crate::tls`]), HTTP/2 when the client negotiates `h2` by ALPN, else HTTP/1.1. It counts the
+//! connections it accepted, so tests can see whether a client reused one.
+//!
 //! What it must not do: interpret requests (every path answers the same way) or block a
 //! connection on another one's delay.
 
@@ -18,10 +22,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,11 +39,19 @@ pub struct UpstreamOptions {
     pub status: StatusCode,
     /// Keep every request (tests) or only count them (a long-running example server).
     pub record: bool,
+    /// Serve TLS with this configuration (see [`crate::tls::server_config`]); `None`: plain.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for UpstreamOptions {
     fn default() -> Self {
-        UpstreamOptions { name: "upstream".into(), delay: Duration::ZERO, status: StatusCode::OK, record: true }
+        UpstreamOptions {
+            name: "upstream".into(),
+            delay: Duration::ZERO,
+            status: StatusCode::OK,
+            record: true,
+            tls: None,
+        }
     }
 }
 
@@ -49,6 +61,7 @@ pub struct RecordedRequest {
     pub method: Method,
     /// The request target as received: path and query.
     pub uri: String,
+    pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub received_at: Instant,
@@ -70,6 +83,7 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     received: AtomicUsize,
     in_flight: AtomicUsize,
+    connections: AtomicUsize,
 }
 
 /// A running recording upstream; stops accepting when dropped.
@@ -87,6 +101,14 @@ impl RecordingUpstream {
         Self::bind(any, UpstreamOptions::default()).await.expect("start the recording upstream")
     }
 
+    /// A recording upstream on `127.0.0.1:0` serving TLS with the test certificate (ALPN `h2`
+    /// and `http/1.1`), answering 200 at once.
+    pub async fn start_tls() -> RecordingUpstream {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let tls = Some(crate::tls::server_config(&[b"h2", b"http/1.1"]));
+        Self::bind(any, UpstreamOptions { tls, ..UpstreamOptions::default() }).await.expect("start the TLS upstream")
+    }
+
     /// Binds `addr` and serves until dropped (or [`RecordingUpstream::stop`]).
     pub async fn bind(addr: SocketAddr, options: UpstreamOptions) -> std::io::Result<RecordingUpstream> {
         let listener = TcpListener::bind(addr).await?;
@@ -99,9 +121,11 @@ impl RecordingUpstream {
             requests: Mutex::new(Vec::new()),
             received: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stop.clone()));
+        let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), tls, stop.clone()));
         Ok(RecordingUpstream { addr, shared, stop })
     }
 
@@ -137,6 +161,11 @@ impl RecordingUpstream {
         self.shared.received.load(Ordering::Relaxed)
     }
 
+    /// TCP connections accepted so far (TLS ones whose handshake failed included).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
     /// Requests received and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::Relaxed)
@@ -168,7 +197,12 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
@@ -182,13 +216,31 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
             },
         };
         let _ = stream.set_nodelay(true);
-        let (shared, stop) = (Arc::clone(&shared), stop.clone());
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let (shared, stop, tls) = (Arc::clone(&shared), stop.clone(), tls.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| respond(request, Arc::clone(&shared)));
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let Some(tls) = tls else {
+                let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    _ = connection => {}
+                }
+                return;
+            };
+            // A client that does not trust the certificate aborts here.
+            let Ok(stream) = tls.accept(stream).await else { return };
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = TokioIo::new(stream);
             tokio::select! {
                 () = stop.cancelled() => {}
-                _ = connection => {}
+                _ = async {
+                    if h2 {
+                        let _ = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await;
+                    } else {
+                        let _ = http1::Builder::new().serve_connection(io, service).await;
+                    }
+                } => {}
             }
         });
     }
@@ -204,7 +256,14 @@ async fn respond(request: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let echo = echo(&shared.name, &parts.method, &uri, &parts.headers);
     if shared.record {
-        let recorded = RecordedRequest { method: parts.method, uri, headers: parts.headers, body, received_at };
+        let recorded = RecordedRequest {
+            method: parts.method,
+            uri,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+            received_at,
+        };
         shared.requests.lock().expect("requests lock").push(recorded);
     }
     let delay = Duration::from_micros(shared.delay_micros.load(Ordering::Relaxed));

@@ -15,6 +15,7 @@ use portcullis_shared::Kind;
 use portcullis_tests::auth_server::{AuthServer, Endpoint, weak_rsa_jwk};
 use portcullis_tests::control_plane::TestControlPlane;
 use portcullis_tests::etcd::EtcdServer;
+use portcullis_tests::tls;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -85,7 +86,7 @@ impl Drop for Rotation {
 }
 
 fn start_rotation(state: &Arc<ConfigState>, config: KeyRotationConfig) -> Rotation {
-    let rotation = KeyRotation::new(Arc::clone(state), config);
+    let rotation = KeyRotation::new(Arc::clone(state), config).unwrap();
     let handle = rotation.handle();
     let stop = CancellationToken::new();
     tokio::spawn(rotation.run(stop.clone()));
@@ -237,6 +238,61 @@ async fn discovery_with_another_issuer_writes_no_keys() {
     assert!(keys_of(state, "idp").is_empty());
     assert_eq!(server.requests(Endpoint::Jwks), 0);
     assert!(rotation.handle.stats().fetch_failures >= 1);
+}
+
+/// An https IdP with a private CA: nothing is fetched until the control plane trusts that CA
+/// (`--issuer-ca-file`); then discovery and the JWKS are fetched over verified TLS.
+#[tokio::test]
+async fn keys_are_fetched_over_https_from_an_issuer_with_a_private_ca() {
+    let cp = TestControlPlane::embedded().await;
+    let server = AuthServer::start_tls().await;
+    assert!(server.issuer().starts_with("https://127.0.0.1:"), "{}", server.issuer());
+    let state = cp.state();
+    put(state, issuer("idp", &server, Source::Discovery, None)).await;
+
+    // the system roots and an unrelated CA do not trust the IdP's certificate
+    for ca in [None, Some(tls::other_ca_file())] {
+        let config = KeyRotationConfig {
+            refetch_min_interval: Duration::ZERO,
+            issuer_ca_file: ca.clone(),
+            ..Default::default()
+        };
+        let rotation = start_rotation(state, config);
+        let outcome = tokio::time::timeout(WAIT, rotation.handle.refetch("idp")).await.unwrap();
+        let RefetchOutcome::Failed(FetchError::Request { url, message }) = &outcome else {
+            panic!("{ca:?}: {outcome:?}")
+        };
+        assert!(url.starts_with("https://127.0.0.1:") && url.ends_with("/.well-known/openid-configuration"), "{url}");
+        assert!(message.contains("UnknownIssuer"), "{ca:?}: {message}");
+        assert!(keys_of(state, "idp").is_empty());
+    }
+    assert_eq!(server.requests(Endpoint::Discovery), 0, "no request was sent over an unverified connection");
+
+    let config = KeyRotationConfig { issuer_ca_file: Some(tls::ca_file()), ..Default::default() };
+    let rotation = start_rotation(state, config);
+    wait_until(state, "the keys fetched over https", || {
+        keys_of(state, "idp").keys().cloned().collect::<Vec<_>>() == kids(&["ec-1", "rsa-1"])
+    })
+    .await;
+    assert!(server.requests(Endpoint::Discovery) >= 1 && server.requests(Endpoint::Jwks) >= 1);
+    assert_eq!(rotation.handle.stats().fetch_failures, 0);
+}
+
+#[tokio::test]
+async fn an_unusable_issuer_ca_file_is_refused_at_start() {
+    let cp = TestControlPlane::embedded().await;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    for (file, expected) in [
+        (dir.path().join("missing.pem"), "reading CA certificates from"),
+        (empty, "holds no usable PEM CA certificate"),
+    ] {
+        let config = KeyRotationConfig { issuer_ca_file: Some(file.clone()), ..Default::default() };
+        let Err(e) = KeyRotation::new(Arc::clone(cp.state()), config) else { panic!("{file:?} accepted") };
+        let message = e.to_string();
+        assert!(message.contains(expected) && message.contains(&file.display().to_string()), "{message}");
+    }
 }
 
 #[tokio::test]
