@@ -56,6 +56,10 @@ struct Args {
     /// How long a key that disappeared from an issuer's JWKS stays valid (e.g. 1h, 30m).
     #[arg(long, env = "PORTCULLIS_KEY_GRACE", default_value = "1h", value_parser = parse_duration)]
     key_grace: std::time::Duration,
+    /// At most one on-demand key fetch per issuer in this window: proxies that meet an unknown
+    /// `kid` ask for one, and a flood of random kids must not hammer the issuer (e.g. 10s).
+    #[arg(long, env = "PORTCULLIS_KEY_REFETCH_MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    key_refetch_min_interval: std::time::Duration,
     #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
 }
@@ -100,8 +104,15 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the proxy listener to {}", args.proxy_listen))?;
     let registry = Arc::new(ProxyRegistry::new());
     // Idempotent writes: several replicas may run it side by side (one leader would be better).
-    let rotation =
-        KeyRotation::new(Arc::clone(&state), KeyRotationConfig { grace: args.key_grace, ..Default::default() });
+    let rotation = KeyRotation::new(
+        Arc::clone(&state),
+        KeyRotationConfig {
+            grace: args.key_grace,
+            refetch_min_interval: args.key_refetch_min_interval,
+            ..Default::default()
+        },
+    );
+    let keys = rotation.handle();
     let rotation_task = tokio::spawn(rotation.run(shutdown.clone()));
     let admin = async {
         admin::serve(Arc::clone(&state), Arc::clone(&registry), admin_listener, shutdown.clone())
@@ -109,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
             .context("admin API server")
     };
     let proxies = async {
-        discovery::serve(Arc::clone(&state), Arc::clone(&registry), token, proxy_listener, shutdown.clone())
+        discovery::serve(Arc::clone(&state), Arc::clone(&registry), token, Some(keys), proxy_listener, shutdown.clone())
             .await
             .context("config stream server")
     };
