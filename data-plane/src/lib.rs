@@ -5,6 +5,7 @@ pub mod admin_http;
 pub mod config_client;
 pub mod denial;
 pub mod forward;
+pub mod kid_reports;
 pub mod lkg;
 pub mod metrics;
 pub mod pipeline;

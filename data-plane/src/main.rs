@@ -16,6 +16,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use portcullis_data_plane::admin_http::{self, AdminState};
 use portcullis_data_plane::config_client::{ConfigClient, ConfigClientOptions};
+use portcullis_data_plane::kid_reports;
 use portcullis_data_plane::metrics::Metrics;
 use portcullis_data_plane::pipeline::{Pipeline, Settings};
 use portcullis_data_plane::server::{Server, ServerOptions};
@@ -153,6 +154,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     tokio::spawn(portcullis_shared::process::shutdown_signal(shutdown.clone()));
     let snapshots = snapshot::new_handle();
     let metrics = Arc::new(Metrics::new());
+    let (kid_reporter, kid_reports) = kid_reports::channel(Arc::clone(&metrics), kid_reports::DEFAULT_INTERVAL);
 
     let mut client = ConfigClient::new(
         ConfigClientOptions {
@@ -163,7 +165,8 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             cache_dir: Some(args.cache_dir.clone()),
         },
         snapshots.clone(),
-    );
+    )
+    .with_kid_reports(kid_reports);
     match client.load_last_known_good() {
         Some(version) => info!(config.version = version, "serving the last-known-good configuration"),
         None => info!("no last-known-good configuration; not ready until the control plane sends one"),
@@ -176,7 +179,8 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         token_cache_size: args.token_cache_size,
         ..Settings::default()
     };
-    let pipeline = Arc::new(Pipeline::new(snapshots.clone(), settings, Arc::clone(&metrics)));
+    let pipeline =
+        Arc::new(Pipeline::new(snapshots.clone(), settings, Arc::clone(&metrics)).with_kid_reports(kid_reporter));
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)

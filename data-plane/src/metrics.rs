@@ -115,12 +115,50 @@ impl UpstreamMetrics {
     }
 }
 
+/// Unknown-kid reports to the control plane (see [`crate::kid_reports`]), by outcome.
+#[derive(Debug, Default)]
+pub struct KidReportMetrics {
+    /// Handed to the open config stream.
+    sent: AtomicU64,
+    /// Not made: the issuer was reported within the de-duplication interval.
+    deduplicated: AtomicU64,
+    /// Made but lost: the queue was full, or no config stream was open.
+    dropped: AtomicU64,
+}
+
+impl KidReportMetrics {
+    pub fn record_sent(&self) {
+        self.sent.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_deduplicated(&self) {
+        self.deduplicated.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Relaxed);
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Relaxed)
+    }
+
+    pub fn deduplicated(&self) -> u64 {
+        self.deduplicated.load(Relaxed)
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+}
+
 /// The registry. One per proxy, shared by `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<String, Arc<RouteMetrics>>>,
     upstreams: Mutex<BTreeMap<String, Arc<UpstreamMetrics>>>,
     unmatched: Arc<RouteMetrics>,
+    unknown_kid_reports: KidReportMetrics,
 }
 
 impl Default for Metrics {
@@ -135,7 +173,13 @@ impl Metrics {
             routes: Mutex::default(),
             upstreams: Mutex::default(),
             unmatched: Arc::new(RouteMetrics::new(UNMATCHED_ROUTE)),
+            unknown_kid_reports: KidReportMetrics::default(),
         }
+    }
+
+    /// The counters of unknown-kid reports.
+    pub fn unknown_kid_reports(&self) -> &KidReportMetrics {
+        &self.unknown_kid_reports
     }
 
     /// The counters of requests that matched no route.
@@ -234,6 +278,15 @@ impl Metrics {
             }
         }
 
+        out.push_str(
+            "# HELP portcullis_proxy_unknown_kid_reports_total Reports to the control plane of a token kid missing from a fetched issuer's keys, by outcome.\n",
+        );
+        out.push_str("# TYPE portcullis_proxy_unknown_kid_reports_total counter\n");
+        let k = &self.unknown_kid_reports;
+        for (outcome, n) in [("sent", k.sent()), ("deduplicated", k.deduplicated()), ("dropped", k.dropped())] {
+            let _ = writeln!(out, "portcullis_proxy_unknown_kid_reports_total{{outcome=\"{outcome}\"}} {n}");
+        }
+
         out.push_str("# HELP portcullis_proxy_config_version The config version (store revision) being served; 0 before the first.\n");
         out.push_str("# TYPE portcullis_proxy_config_version gauge\n");
         let _ = writeln!(out, "portcullis_proxy_config_version {}", snapshot.map_or(0, |s| s.version));
@@ -287,6 +340,8 @@ mod tests {
         r.record_denied(Reason::TokenMissing, Duration::from_micros(100));
         m.unmatched().record_denied(Reason::RouteNotFound, Duration::from_micros(50));
         m.upstream("users-svc").record_error(Reason::UpstreamConnectFailed);
+        m.unknown_kid_reports().record_sent();
+        m.unknown_kid_reports().record_dropped(2);
         check(
             &m,
             &[
@@ -299,6 +354,9 @@ mod tests {
                 r#"portcullis_proxy_request_duration_seconds_bucket{route="users",le="+Inf"} 3"#,
                 r#"portcullis_proxy_request_duration_seconds_count{route="users"} 3"#,
                 r#"portcullis_proxy_upstream_errors_total{upstream="users-svc",reason="upstream_connect_failed"} 1"#,
+                r#"portcullis_proxy_unknown_kid_reports_total{outcome="sent"} 1"#,
+                r#"portcullis_proxy_unknown_kid_reports_total{outcome="deduplicated"} 0"#,
+                r#"portcullis_proxy_unknown_kid_reports_total{outcome="dropped"} 2"#,
                 "portcullis_proxy_config_version 0",
                 "portcullis_proxy_routes 0",
                 "# TYPE portcullis_proxy_request_duration_seconds histogram",

@@ -54,6 +54,7 @@ use tracing::{debug, info};
 
 use crate::denial::{AuthFailure, Denial, Forbidden};
 use crate::forward::{self, Forwarder, Origin, Outgoing, RequestBody, UpstreamBody, X_FORWARDED_FOR, X_REQUEST_ID};
+use crate::kid_reports::KidReporter;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Lookup;
 use crate::snapshot::{CompiledRoute, Snapshot, SnapshotHandle};
@@ -415,6 +416,8 @@ pub struct Pipeline {
     ids: RequestIds,
     /// Verified tokens, across config versions (entries of changed issuers or keys are void).
     tokens: TokenCache,
+    /// Tells the control plane about kids missing from fetched key sets (off by default).
+    kid_reports: KidReporter,
 }
 
 impl Pipeline {
@@ -428,7 +431,14 @@ impl Pipeline {
             tokens: TokenCache::new(settings.token_cache_size),
             settings,
             ids: RequestIds::default(),
+            kid_reports: KidReporter::disabled(),
         }
+    }
+
+    /// Reports unknown kids of fetched issuers to `reporter` (whose receiver the config client drains).
+    pub fn with_kid_reports(mut self, reporter: KidReporter) -> Pipeline {
+        self.kid_reports = reporter;
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -566,7 +576,10 @@ impl Pipeline {
                 Ok(_) if !accepted.tokens.contains(&TokenKind::Jwt) => Err(AuthFailure::Unverified),
                 Ok(t) => {
                     let verifiers = snapshot.route_verifiers.get(index).map_or(&[][..], |v| &v[..]);
-                    self.tokens.verify(verifiers, t, SystemTime::now()).map_err(AuthFailure::Invalid)
+                    self.tokens
+                        .verify(verifiers, t, SystemTime::now())
+                        .inspect_err(|e| self.kid_reports.on_verify_error(snapshot, verifiers, t, e))
+                        .map_err(AuthFailure::Invalid)
                 }
             },
             None => Err(AuthFailure::Missing),
