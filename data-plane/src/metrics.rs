@@ -7,7 +7,8 @@
 //! here, outside the snapshot, so a config push does not reset them.
 //!
 //! What it must not do: take unbounded labels. Labels are the route name, the upstream name, a
-//! status class and a [`Reason`]; never paths, addresses, subjects or request ids.
+//! status class, a [`Reason`] and an unknown-kid report's outcome; never paths, addresses,
+//! subjects, issuers' kids or request ids.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
