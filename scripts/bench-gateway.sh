@@ -10,8 +10,17 @@
 #   - the control plane on its embedded store (in a fresh dir under $BENCH_TMP, admin API and
 #     proxy listener on ephemeral loopback ports, read back from its log), with a bootstrap token;
 #   - ONE proxy with --worker-threads 1 on 127.0.0.1:$BENCH_GATEWAY_PORT;
-# applies a config with portctl (upstream = $BENCH_UPSTREAM, a public policy, a prefix `/` route),
-# and stays in the foreground until a child exits or it gets SIGTERM/SIGINT, then stops both.
+# applies a config with portctl (upstream = $BENCH_UPSTREAM, a prefix `/` route), and stays in the
+# foreground until a child exits or it gets SIGTERM/SIGINT, then stops both.
+#
+# Authentication: when peers.sh provides the JWT keys (BENCH_RS256_PUB / BENCH_ES256_PUB, with
+# BENCH_JWT_ISS, BENCH_JWT_AUD, BENCH_RS256_KID, BENCH_ES256_KID), the route's policy verifies
+# RS256 and ES256 tokens of that issuer (keys given inline, converted from the PEM files). peers.sh
+# loads one URL for every GATEWAY_AUTH kind, and kind `none` expects 2xx without a token, so by
+# default the policy is `optional`: no token passes anonymously, any token sent is verified (bad
+# ones get 401). Its JWT preflight's "missing token gets 4xx" check then fails by design; run
+# with PORTCULLIS_BENCH_AUTH=required (and GATEWAY_AUTH without `none`) to check that too.
+# PORTCULLIS_BENCH_AUTH=public|optional|required overrides the choice.
 #
 # peers.sh counts any HTTP answer on the port as "up", so the proxy must serve the config from its
 # very first connection: a first proxy run (on ephemeral ports) receives the config and writes its
@@ -93,24 +102,77 @@ pids+=("$cp_pid")
 admin=$(logged_addr "$work/control-plane.log" "admin API listening" "$cp_pid")
 streams=$(logged_addr "$work/control-plane.log" "config streams listening" "$cp_pid")
 
+# A JWK Set (JSON) of the benchmark's public keys: PEM (SPKI) -> JWK with the openssl CLI.
+# Arguments: rsa|ec:PEM_FILE:KID ...
+bench_jwks() {
+  python3 - "$@" <<'PY'
+import base64, json, subprocess, sys
+def b64(b): return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def run(*args): return subprocess.run(["openssl", *args], check=True, capture_output=True).stdout
+keys = []
+for spec in sys.argv[1:]:
+    kind, path, kid = spec.split(":", 2)
+    if kind == "rsa":
+        n = bytes.fromhex(run("rsa", "-pubin", "-in", path, "-noout", "-modulus").decode().strip().split("=", 1)[1])
+        e = int([l for l in run("rsa", "-pubin", "-in", path, "-noout", "-text").decode().splitlines() if l.startswith("Exponent")][0].split()[1])
+        keys.append({"kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig", "n": b64(n), "e": b64(e.to_bytes((e.bit_length() + 7) // 8, "big"))})
+    else:
+        point = run("pkey", "-pubin", "-in", path, "-outform", "DER")[-65:]  # the uncompressed point ends a P-256 SPKI
+        assert point[0] == 4, "not an uncompressed P-256 point"
+        keys.append({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig", "x": b64(point[1:33]), "y": b64(point[33:])})
+print(json.dumps({"keys": keys}))
+PY
+}
+
+auth_mode=${PORTCULLIS_BENCH_AUTH:-}
+if [ -z "$auth_mode" ]; then
+  if [ -n "${BENCH_RS256_PUB:-}" ] && [ -n "${BENCH_ES256_PUB:-}" ]; then auth_mode=optional; else auth_mode=public; fi
+fi
 cat >"$work/config.yaml" <<EOF
 kind: Upstream
 name: bench-upstream
 spec:
   endpoints: ["$BENCH_UPSTREAM"]
 ---
-kind: Policy
-name: bench-public
-spec:
-  authentication: {mode: public, reason: peer benchmark without authentication}
----
 kind: Route
 name: bench-all
 spec:
   match: {path: {prefix: /}}
   upstream: bench-upstream
-  policy: bench-public
+  policy: bench-policy
+---
 EOF
+case "$auth_mode" in
+  public)
+    cat >>"$work/config.yaml" <<EOF
+kind: Policy
+name: bench-policy
+spec:
+  authentication: {mode: public, reason: peer benchmark without authentication}
+EOF
+    ;;
+  optional | required)
+    : "${BENCH_RS256_PUB:?needed for PORTCULLIS_BENCH_AUTH=$auth_mode}" "${BENCH_ES256_PUB:?}"
+    : "${BENCH_JWT_ISS:?}" "${BENCH_JWT_AUD:?}"
+    jwks=$(bench_jwks "rsa:$BENCH_RS256_PUB:${BENCH_RS256_KID:-rs256}" "ec:$BENCH_ES256_PUB:${BENCH_ES256_KID:-es256}") ||
+      die "cannot convert the benchmark's public keys to a JWK Set"
+    cat >>"$work/config.yaml" <<EOF
+kind: Issuer
+name: bench-idp
+spec:
+  issuer: "$BENCH_JWT_ISS"
+  audiences: ["$BENCH_JWT_AUD"]
+  algorithms: [RS256, ES256]
+  keys: {inline: $jwks}
+---
+kind: Policy
+name: bench-policy
+spec:
+  authentication: {mode: $auth_mode, issuers: [bench-idp]}
+EOF
+    ;;
+  *) die "PORTCULLIS_BENCH_AUTH must be public, optional or required (got $auth_mode)" ;;
+esac
 applied=$("$bin/portctl" --server "http://$admin" apply -f "$work/config.yaml") || die "portctl apply failed: $applied"
 version=$(sed -n 's/^applied at revision \([0-9]\+\)$/\1/p' <<<"$applied")
 [ -n "$version" ] || die "portctl apply did not report a revision: $applied"
@@ -140,12 +202,13 @@ proxy "127.0.0.1:$BENCH_GATEWAY_PORT" "$work/proxy.log"
 proxy_pid=$!
 pids=("$proxy_pid" "$cp_pid")
 for i in $(seq 1 200); do
-  [ "$(http_status "$BENCH_GATEWAY_PORT" /)" = 200 ] && [ "$(acked bench-gateway)" = "$version" ] && break
+  case "$(http_status "$BENCH_GATEWAY_PORT" /)" in 200 | 401) served=yes ;; *) served=no ;; esac
+  [ "$served" = yes ] && [ "$(acked bench-gateway)" = "$version" ] && break
   kill -0 "$proxy_pid" 2>/dev/null || { tail -20 "$work/proxy.log" >&2; die "the proxy exited"; }
   [ "$i" = 200 ] && { tail -20 "$work/proxy.log" >&2; die "the proxy is not serving version $version after 20 s"; }
   sleep 0.1
 done
-echo "bench-gateway: ready on 127.0.0.1:$BENCH_GATEWAY_PORT -> $BENCH_UPSTREAM (config version $version, logs in $work)" >&2
+echo "bench-gateway: ready on 127.0.0.1:$BENCH_GATEWAY_PORT -> $BENCH_UPSTREAM (authentication $auth_mode, config version $version, logs in $work)" >&2
 
 # In the foreground until either child exits or a signal arrives; the EXIT trap stops both.
 wait -n "$proxy_pid" "$cp_pid" || true

@@ -9,9 +9,16 @@
 //! into the next one. A NACKed version is never sent again: the stream waits for the index to
 //! move past it.
 //!
+//! A proxy may also report, at any time, a token `kid` missing from the keys of an issuer whose
+//! keys this control plane fetches (`UnknownKid`): the stream task hands it to key rotation
+//! ([`KeyRotationHandle::refetch`], rate-limited per issuer) on a task of its own and carries on;
+//! new keys reach the proxies as any other change does. Reports for issuers that do not exist or
+//! whose keys are inline or a shared secret are ignored.
+//!
 //! It must not hold the index lock across an `.await` (resources are cloned under the lock,
 //! encoded and sent after it is released), must not accept a proxy without the bootstrap token
-//! (no token configured = no proxy accepted), and must never log a token.
+//! (no token configured = no proxy accepted), must never wait for a key fetch on a stream task,
+//! and must never log a token (a reported kid is logged truncated, printable ASCII only).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,9 +27,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use portcullis_proto::config::v1 as cfg;
 use portcullis_proto::discovery::v1 as pb;
 use portcullis_proto::discovery::v1::config_request::Msg;
 use portcullis_proto::discovery::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
+use portcullis_shared::Kind;
+use portcullis_shared::jwt::MAX_KID_LEN;
+use portcullis_shared::model::{Issuer, KeySourceKind};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,6 +43,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::keys::{KeyRotationHandle, RefetchOutcome};
 use crate::state::{ConfigState, Index};
 
 /// A full snapshot of a large configuration is one message; 64 MiB holds several hundred
@@ -53,6 +65,8 @@ const DISCONNECTED_RETENTION: Duration = Duration::from_secs(3600);
 /// HTTP/2 pings find proxies that vanished without closing their connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of a reported kid (or issuer name) goes into a log line.
+const LOGGED_CHARS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -293,22 +307,26 @@ pub struct Discovery {
     state: Arc<ConfigState>,
     registry: Arc<ProxyRegistry>,
     token: Option<BootstrapToken>,
+    keys: Option<KeyRotationHandle>,
     full_snapshots: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
 impl Discovery {
-    /// With `token = None` every proxy is refused.
+    /// With `token = None` every proxy is refused; with `keys = None` unknown-kid reports are
+    /// ignored (no key rotation runs here).
     pub fn new(
         state: Arc<ConfigState>,
         registry: Arc<ProxyRegistry>,
         token: Option<BootstrapToken>,
+        keys: Option<KeyRotationHandle>,
         shutdown: CancellationToken,
     ) -> Discovery {
         Discovery {
             state,
             registry,
             token,
+            keys,
             full_snapshots: Arc::new(Semaphore::new(CONCURRENT_FULL_SNAPSHOTS)),
             shutdown,
         }
@@ -353,6 +371,7 @@ impl DiscoveryService for Discovery {
         let stream = ProxyStream {
             state: Arc::clone(&self.state),
             full_snapshots: Arc::clone(&self.full_snapshots),
+            keys: self.keys.clone(),
             shutdown: self.shutdown.clone(),
             session,
             acked: hello.version,
@@ -375,6 +394,7 @@ enum End {
 struct ProxyStream {
     state: Arc<ConfigState>,
     full_snapshots: Arc<Semaphore>,
+    keys: Option<KeyRotationHandle>,
     shutdown: CancellationToken,
     session: Session,
     /// The version the proxy holds (its hello, then its ACKs).
@@ -451,6 +471,14 @@ impl ProxyStream {
                         Ok(None) => return End::ProxyClosed,
                         Err(status) => return End::Broken(status),
                     };
+                    // Not part of the (N)ACK flow: it may come at any time.
+                    let msg = match msg {
+                        Msg::UnknownKid(report) => {
+                            self.unknown_kid(report);
+                            continue;
+                        }
+                        msg => msg,
+                    };
                     // Taking it frees its full-snapshot slot, if it holds one.
                     let Some(InFlight { version: sent, .. }) = in_flight.take() else {
                         return End::Protocol("an ack or nack arrived with no response in flight");
@@ -470,10 +498,47 @@ impl ProxyStream {
                             return End::Protocol("an ack or nack named a version that is not the one in flight");
                         }
                         Msg::Hello(_) => return End::Protocol("a second hello on one config stream"),
+                        Msg::UnknownKid(_) => {} // handled above
                     }
                 }
             }
         }
+    }
+
+    /// A proxy met `report.kid` in a token of `report.issuer`: refetch that issuer's keys, on a
+    /// task of its own (the fetch takes up to the fetch timeout; this stream must not wait).
+    fn unknown_kid(&self, report: pb::UnknownKid) {
+        let pb::UnknownKid { issuer, kid } = report;
+        if kid.is_empty() || kid.len() > MAX_KID_LEN {
+            debug!(issuer = %loggable(&issuer), kid.len = kid.len(), "unknown-kid report with an empty or overlong kid; ignored");
+            return;
+        }
+        let kid = loggable(&kid);
+        let Some(keys) = &self.keys else {
+            debug!(issuer = %loggable(&issuer), kid = %kid, "unknown kid reported; no key rotation runs here");
+            return;
+        };
+        if !fetches_keys(&self.state.index(), &issuer) {
+            debug!(issuer = %loggable(&issuer), kid = %kid, "unknown kid reported for an issuer whose keys are not fetched; ignored");
+            return;
+        }
+        let keys = keys.clone();
+        let proxy = self.session.id.clone();
+        let refetch = async move {
+            let outcome = keys.refetch(&issuer).await;
+            match &outcome {
+                RefetchOutcome::Fetched => {
+                    info!(issuer = %issuer, kid = %kid, proxy.id = %proxy, outcome = outcome.as_str(), "keys refetched after an unknown kid")
+                }
+                RefetchOutcome::Failed(e) => {
+                    warn!(issuer = %issuer, kid = %kid, proxy.id = %proxy, outcome = outcome.as_str(), error = %e, "key refetch after an unknown kid failed")
+                }
+                RefetchOutcome::RateLimited | RefetchOutcome::UnknownIssuer | RefetchOutcome::Stopped => {
+                    debug!(issuer = %issuer, kid = %kid, proxy.id = %proxy, outcome = outcome.as_str(), "no key refetch after an unknown kid")
+                }
+            }
+        };
+        tokio::spawn(refetch.in_current_span());
     }
 
     /// Builds and sends the response that brings the proxy from `acked` to the index's revision.
@@ -510,6 +575,26 @@ impl ProxyStream {
     }
 }
 
+/// Whether `name` is an Issuer whose keys are fetched (`jwks_uri` or discovery).
+fn fetches_keys(idx: &Index, name: &str) -> bool {
+    match idx.get(Kind::Issuer, name).map(|e| &e.resource.kind) {
+        Some(Some(cfg::resource::Kind::Issuer(p))) => Issuer::try_from(p)
+            .is_ok_and(|i| matches!(i.keys.kind, KeySourceKind::JwksUri(_) | KeySourceKind::Discovery(_))),
+        _ => false,
+    }
+}
+
+/// A reported kid (or an issuer name not checked yet) for a log line: untrusted, so printable
+/// ASCII only (others become `?`) and at most [`LOGGED_CHARS`] characters (then `…`).
+fn loggable(value: &str) -> String {
+    let mut out: String =
+        value.chars().take(LOGGED_CHARS).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
+    if value.chars().nth(LOGGED_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// A response sent and not yet answered.
 struct InFlight {
     version: i64,
@@ -526,15 +611,17 @@ async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
 
 /// Serves the discovery service on `listener` until `shutdown` fires; open streams end then
 /// (with `UNAVAILABLE`, and proxies reconnect elsewhere), so the server drains promptly.
+/// Unknown-kid reports go to `keys` (ignored without it).
 pub async fn serve(
     state: Arc<ConfigState>,
     registry: Arc<ProxyRegistry>,
     token: Option<BootstrapToken>,
+    keys: Option<KeyRotationHandle>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let addr = listener.local_addr().ok();
-    let service = DiscoveryServiceServer::new(Discovery::new(state, registry, token, shutdown.clone()))
+    let service = DiscoveryServiceServer::new(Discovery::new(state, registry, token, keys, shutdown.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     info!(proxy.addr = ?addr, "config streams listening");
@@ -614,6 +701,54 @@ mod tests {
             del(&mut idx, rev + 1, &format!("x{rev}"));
         }
         assert!(delta(&idx, 4).is_none(), "more changes than resources: a full snapshot is smaller");
+    }
+
+    fn issuer(name: &str, source: cfg::key_source::Source) -> cfg::Resource {
+        cfg::Resource {
+            kind: Some(cfg::resource::Kind::Issuer(cfg::Issuer {
+                name: name.into(),
+                issuer: format!("https://{name}.test/"),
+                audiences: vec!["api://test".into()],
+                algorithms: vec!["ES256".into()],
+                keys: Some(cfg::KeySource { source: Some(source), refresh_interval: None }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn only_issuers_with_fetched_keys_are_refetched() {
+        use cfg::key_source::Source;
+        let mut idx = Index::default();
+        let jwks = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k",
+            "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+        let issuers = [
+            issuer("by-uri", Source::JwksUri("http://idp.test/jwks".into())),
+            issuer("by-discovery", Source::Discovery("http://idp.test".into())),
+            issuer("inline", Source::InlineJwks(jwks.into())),
+        ];
+        for (i, resource) in issuers.iter().enumerate() {
+            let name = Kind::of(resource).unwrap().1.to_owned();
+            let revision = i as i64 + 1;
+            let event = Event { kind: Kind::Issuer, name, value: Some(encode(resource)), revision };
+            idx.apply(WatchBatch { revision, events: vec![event] });
+        }
+        put(&mut idx, 10, "not-an-issuer");
+        for (name, fetched) in
+            [("by-uri", true), ("by-discovery", true), ("inline", false), ("not-an-issuer", false), ("nobody", false)]
+        {
+            assert_eq!(fetches_keys(&idx, name), fetched, "{name}");
+        }
+    }
+
+    #[test]
+    fn reported_kids_are_logged_printable_and_short() {
+        let check = |kid: &str, logged: &str| assert_eq!(loggable(kid), logged, "{kid:?}");
+        check("rsa-2", "rsa-2");
+        check("a b\n\u{1b}[31m", "a?b??[31m");
+        check("\u{e9}t\u{e9}", "?t?");
+        check(&"k".repeat(64), &"k".repeat(64));
+        check(&"k".repeat(65), &format!("{}\u{2026}", "k".repeat(64)));
     }
 
     fn metadata(value: Option<&str>) -> MetadataMap {

@@ -111,6 +111,19 @@ pub enum RefetchOutcome {
     Stopped,
 }
 
+impl RefetchOutcome {
+    /// Stable snake_case name, for logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefetchOutcome::Fetched => "fetched",
+            RefetchOutcome::Failed(_) => "failed",
+            RefetchOutcome::RateLimited => "rate_limited",
+            RefetchOutcome::UnknownIssuer => "unknown_issuer",
+            RefetchOutcome::Stopped => "stopped",
+        }
+    }
+}
+
 /// Counters for tests and, later, metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KeyRotationStats {

@@ -61,6 +61,10 @@ struct Args {
     /// /etc/ssl/certs/ca-certificates.crt).
     #[arg(long, env = "PORTCULLIS_ISSUER_CA_FILE", value_name = "FILE")]
     issuer_ca_file: Option<PathBuf>,
+    /// At most one on-demand key fetch per issuer in this window: proxies that meet an unknown
+    /// `kid` ask for one, and a flood of random kids must not hammer the issuer (e.g. 10s).
+    #[arg(long, env = "PORTCULLIS_KEY_REFETCH_MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    key_refetch_min_interval: std::time::Duration,
     #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
 }
@@ -98,8 +102,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = ConfigState::start(store, shutdown.clone()).await.context("loading the configuration")?;
     // Before binding: a bad --issuer-ca-file stops start-up while no port is taken yet.
-    let rotation_config =
-        KeyRotationConfig { grace: args.key_grace, issuer_ca_file: args.issuer_ca_file.clone(), ..Default::default() };
+    let rotation_config = KeyRotationConfig {
+        grace: args.key_grace,
+        issuer_ca_file: args.issuer_ca_file.clone(),
+        refetch_min_interval: args.key_refetch_min_interval,
+        ..Default::default()
+    };
     let rotation = KeyRotation::new(Arc::clone(&state), rotation_config).context("--issuer-ca-file")?;
     let admin_listener = tokio::net::TcpListener::bind(&args.admin_listen)
         .await
@@ -109,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the proxy listener to {}", args.proxy_listen))?;
     let registry = Arc::new(ProxyRegistry::new());
     // Idempotent writes: several replicas may run it side by side (one leader would be better).
+    let keys = rotation.handle();
     let rotation_task = tokio::spawn(rotation.run(shutdown.clone()));
     let admin = async {
         admin::serve(Arc::clone(&state), Arc::clone(&registry), admin_listener, shutdown.clone())
@@ -116,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             .context("admin API server")
     };
     let proxies = async {
-        discovery::serve(Arc::clone(&state), Arc::clone(&registry), token, proxy_listener, shutdown.clone())
+        discovery::serve(Arc::clone(&state), Arc::clone(&registry), token, Some(keys), proxy_listener, shutdown.clone())
             .await
             .context("config stream server")
     };

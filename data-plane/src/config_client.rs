@@ -4,7 +4,9 @@
 //! compiles that on the blocking pool, persists it as last-known-good, publishes it with one
 //! pointer swap and ACKs; or NACKs with the error and keeps serving the previous snapshot.
 //! It reconnects on any error with full-jitter exponential backoff, rotating through the
-//! configured control-plane endpoints.
+//! configured control-plane endpoints. It also passes the request path's unknown-kid reports
+//! ([`crate::kid_reports`]) to the control plane on the open stream; reports made while no stream
+//! is open are dropped (and counted).
 //!
 //! It must never publish a version that did not compile, never block the runtime with a
 //! compilation (10k routes take milliseconds), and never log the token. The request path does not
@@ -20,15 +22,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use portcullis_proto::config::v1 as pb;
 use portcullis_proto::discovery::v1::config_request::Msg;
 use portcullis_proto::discovery::v1::discovery_service_client::DiscoveryServiceClient;
-use portcullis_proto::discovery::v1::{Ack, ConfigRequest, ConfigResponse, Nack, ProxyHello};
+use portcullis_proto::discovery::v1::{Ack, ConfigRequest, ConfigResponse, Nack, ProxyHello, UnknownKid};
 use portcullis_shared::Kind;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::kid_reports::{KidReportReceiver, UnknownKidReport};
 use crate::lkg;
 use crate::snapshot::{self, ResourceMap, Snapshot, SnapshotHandle};
 
@@ -97,11 +100,27 @@ pub struct ConfigClient {
     /// The version `resources` is; 0 = none (then `resources` is empty).
     version: i64,
     reject_for_test: Option<RejectHook>,
+    /// Unknown-kid reports from the request path, passed on to the control plane.
+    kid_reports: Option<KidReportReceiver>,
 }
 
 impl ConfigClient {
     pub fn new(options: ConfigClientOptions, snapshots: SnapshotHandle) -> ConfigClient {
-        ConfigClient { options, snapshots, resources: ResourceMap::new(), version: 0, reject_for_test: None }
+        ConfigClient {
+            options,
+            snapshots,
+            resources: ResourceMap::new(),
+            version: 0,
+            reject_for_test: None,
+            kid_reports: None,
+        }
+    }
+
+    /// Sends the reports of the pipeline's [`KidReporter`](crate::kid_reports::KidReporter) to
+    /// the control plane.
+    pub fn with_kid_reports(mut self, reports: KidReportReceiver) -> ConfigClient {
+        self.kid_reports = Some(reports);
+        self
     }
 
     /// **Tests only.** Rejects (NACKs) every version for which `reject` returns a reason, as if
@@ -192,8 +211,9 @@ impl ConfigClient {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-        // Room for the hello and one (N)ACK: there is never more than one response to answer.
-        let (tx, rx) = mpsc::channel(2);
+        // Room for the hello, one (N)ACK (there is never more than one response to answer) and
+        // a few unknown-kid reports (which are dropped rather than waited for).
+        let (tx, rx) = mpsc::channel(4);
         let hello = ProxyHello {
             id: self.options.proxy_id.clone(),
             zone: self.options.zone.clone(),
@@ -212,10 +232,18 @@ impl ConfigClient {
         };
         let mut inbound = response.into_inner();
         info!(endpoint = %endpoint, config.version = self.version, "config stream open");
+        if let Some(reports) = &mut self.kid_reports {
+            // Made while no stream was open: the next unknown kid will be reported afresh.
+            reports.discard_queued();
+        }
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 m = inbound.message() => m,
+                Some(report) = next_report(&mut self.kid_reports) => {
+                    self.send_report(&tx, report);
+                    continue;
+                }
             };
             let response = match message {
                 Ok(Some(response)) => response,
@@ -304,6 +332,31 @@ impl ConfigClient {
 
     fn published_version(&self) -> Option<i64> {
         self.snapshots.load_full().map(|s| s.version)
+    }
+
+    /// Puts an unknown-kid report on the stream, or drops it if the stream's queue is full.
+    fn send_report(&self, tx: &mpsc::Sender<ConfigRequest>, report: UnknownKidReport) {
+        let Some(reports) = &self.kid_reports else { return };
+        let UnknownKidReport { issuer, kid } = report;
+        let message = ConfigRequest { msg: Some(Msg::UnknownKid(UnknownKid { issuer, kid })) };
+        match tx.try_send(message) {
+            Ok(()) => {
+                reports.record_sent();
+                debug!("unknown kid reported to the control plane");
+            }
+            Err(_) => reports.record_dropped(1),
+        }
+    }
+}
+
+/// The next unknown-kid report; never, without a receiver (or once every reporter is gone).
+async fn next_report(reports: &mut Option<KidReportReceiver>) -> Option<UnknownKidReport> {
+    match reports {
+        Some(r) => match r.recv().await {
+            Some(report) => Some(report),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -20,6 +20,9 @@
 //! the others wait on the same [`OnceCell`]; if the first is cancelled (its client went away), a
 //! waiter takes over.
 //!
+//! Transport: one pooled HTTP/1.1 client for all issuers; `https://` endpoints are verified
+//! against the system roots or the proxy's `--introspection-ca-file`, never unverified.
+//!
 //! Client credentials: HTTP Basic (RFC 6749 §2.3.1) with `client_id` and the secret the proxy
 //! reads from `client_secret_file` when it compiles a config version, kept as a sensitive header
 //! value that no log or `Debug` output shows. Without a secret file the proxy is a public client
@@ -29,6 +32,7 @@
 //! let the opaque token reach the upstream.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -40,8 +44,8 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use portcullis_shared::http_client::{HttpsConnector, tls_client_config};
 use portcullis_shared::jwt::{IntrospectionError, JwtError, VerifiedToken, Verifier};
 use portcullis_shared::model;
 use sha2::{Digest, Sha256};
@@ -223,7 +227,7 @@ enum CallError {
 /// The proxy's introspection client and cache; lives beside the snapshots (a config push keeps
 /// the cache of unchanged issuers).
 pub struct Introspection {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector, Full<Bytes>>,
     shards: Box<[Shard]>,
     per_shard: usize,
     inflight: Mutex<HashMap<[u8; 32], Arc<OnceCell<Outcome>>>>,
@@ -242,10 +246,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Introspection {
     /// A cache of at most `capacity` answers.
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Introspection {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    /// `ca_file`: the CA bundle https endpoints must chain to; default the system roots. The
+    /// proxy checks it at start-up (an unusable one stops it there).
+    pub fn new(capacity: usize, ca_file: Option<&Path>, metrics: Arc<Metrics>) -> Introspection {
+        let connect_timeout = Duration::from_secs(2);
+        let connector = match tls_client_config(ca_file, &[b"http/1.1"]) {
+            Ok(tls) => HttpsConnector::new(tls, connect_timeout),
+            Err(error) => {
+                warn!(error = %error, "no usable CA roots: https introspection endpoints cannot be reached");
+                HttpsConnector::http_only(connect_timeout)
+            }
+        };
         Introspection {
             http: Client::builder(TokioExecutor::new()).build(connector),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),

@@ -6,6 +6,7 @@ pub mod config_client;
 pub mod denial;
 pub mod forward;
 pub mod introspect;
+pub mod kid_reports;
 pub mod lkg;
 pub mod metrics;
 pub mod pipeline;

@@ -16,6 +16,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use portcullis_data_plane::admin_http::{self, AdminState};
 use portcullis_data_plane::config_client::{ConfigClient, ConfigClientOptions};
+use portcullis_data_plane::kid_reports;
 use portcullis_data_plane::metrics::Metrics;
 use portcullis_data_plane::pipeline::{Pipeline, Settings};
 use portcullis_data_plane::server::{Server, ServerOptions};
@@ -84,6 +85,13 @@ struct Args {
     /// config versions).
     #[arg(long, env = "PORTCULLIS_TOKEN_CACHE_SIZE", default_value_t = 100_000)]
     token_cache_size: usize,
+    /// How many token introspection answers (opaque tokens) the process-wide cache holds.
+    #[arg(long, env = "PORTCULLIS_INTROSPECTION_CACHE_SIZE", default_value_t = 100_000)]
+    introspection_cache_size: usize,
+    /// PEM bundle of the CA(s) that https introspection endpoints must chain to (a private IdP
+    /// CA). Default: the system roots ($SSL_CERT_FILE or /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, env = "PORTCULLIS_INTROSPECTION_CA_FILE", value_name = "FILE")]
+    introspection_ca_file: Option<std::path::PathBuf>,
     /// How long a client may take to send its request headers.
     #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     header_read_timeout: Duration,
@@ -147,12 +155,17 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(ca) = &args.introspection_ca_file {
+        portcullis_shared::http_client::tls_client_config(Some(ca), &[b"http/1.1"])
+            .context("--introspection-ca-file")?;
+    }
     let proxy_id = args.id.clone().unwrap_or_else(default_id);
 
     let shutdown = CancellationToken::new();
     tokio::spawn(portcullis_shared::process::shutdown_signal(shutdown.clone()));
     let snapshots = snapshot::new_handle();
     let metrics = Arc::new(Metrics::new());
+    let (kid_reporter, kid_reports) = kid_reports::channel(Arc::clone(&metrics), kid_reports::DEFAULT_INTERVAL);
 
     let mut client = ConfigClient::new(
         ConfigClientOptions {
@@ -163,7 +176,8 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             cache_dir: Some(args.cache_dir.clone()),
         },
         snapshots.clone(),
-    );
+    )
+    .with_kid_reports(kid_reports);
     match client.load_last_known_good() {
         Some(version) => info!(config.version = version, "serving the last-known-good configuration"),
         None => info!("no last-known-good configuration; not ready until the control plane sends one"),
@@ -174,9 +188,12 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         trusted_proxies: args.trusted_proxies.clone(),
         max_body_bytes: args.max_body_bytes,
         token_cache_size: args.token_cache_size,
+        introspection_cache_size: args.introspection_cache_size,
+        introspection_ca_file: args.introspection_ca_file.clone(),
         ..Settings::default()
     };
-    let pipeline = Arc::new(Pipeline::new(snapshots.clone(), settings, Arc::clone(&metrics)));
+    let pipeline =
+        Arc::new(Pipeline::new(snapshots.clone(), settings, Arc::clone(&metrics)).with_kid_reports(kid_reporter));
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)

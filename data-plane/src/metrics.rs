@@ -7,7 +7,8 @@
 //! here, outside the snapshot, so a config push does not reset them.
 //!
 //! What it must not do: take unbounded labels. Labels are the route name, the upstream name, a
-//! status class and a [`Reason`]; never paths, addresses, subjects or request ids.
+//! status class, a [`Reason`] and an unknown-kid report's outcome; never paths, addresses,
+//! subjects, issuers' kids or request ids.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -132,6 +133,43 @@ pub struct IntrospectionMetrics {
     pub duration: Histogram,
 }
 
+/// Unknown-kid reports to the control plane (see [`crate::kid_reports`]), by outcome.
+#[derive(Debug, Default)]
+pub struct KidReportMetrics {
+    /// Handed to the open config stream.
+    sent: AtomicU64,
+    /// Not made: the issuer was reported within the de-duplication interval.
+    deduplicated: AtomicU64,
+    /// Made but lost: the queue was full, or no config stream was open.
+    dropped: AtomicU64,
+}
+
+impl KidReportMetrics {
+    pub fn record_sent(&self) {
+        self.sent.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_deduplicated(&self) {
+        self.deduplicated.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Relaxed);
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Relaxed)
+    }
+
+    pub fn deduplicated(&self) -> u64 {
+        self.deduplicated.load(Relaxed)
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+}
+
 /// The registry. One per proxy, shared by `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -139,6 +177,7 @@ pub struct Metrics {
     upstreams: Mutex<BTreeMap<String, Arc<UpstreamMetrics>>>,
     unmatched: Arc<RouteMetrics>,
     pub introspection: IntrospectionMetrics,
+    unknown_kid_reports: KidReportMetrics,
 }
 
 impl Default for Metrics {
@@ -154,7 +193,13 @@ impl Metrics {
             upstreams: Mutex::default(),
             unmatched: Arc::new(RouteMetrics::new(UNMATCHED_ROUTE)),
             introspection: IntrospectionMetrics::default(),
+            unknown_kid_reports: KidReportMetrics::default(),
         }
+    }
+
+    /// The counters of unknown-kid reports.
+    pub fn unknown_kid_reports(&self) -> &KidReportMetrics {
+        &self.unknown_kid_reports
     }
 
     /// The counters of requests that matched no route.
@@ -283,6 +328,14 @@ impl Metrics {
             i.duration.sum_nanos.load(Relaxed) as f64 / 1e9
         );
         let _ = writeln!(out, "portcullis_proxy_introspection_duration_seconds_count {}", i.duration.count());
+        out.push_str(
+            "# HELP portcullis_proxy_unknown_kid_reports_total Reports to the control plane of a token kid missing from a fetched issuer's keys, by outcome.\n",
+        );
+        out.push_str("# TYPE portcullis_proxy_unknown_kid_reports_total counter\n");
+        let k = &self.unknown_kid_reports;
+        for (outcome, n) in [("sent", k.sent()), ("deduplicated", k.deduplicated()), ("dropped", k.dropped())] {
+            let _ = writeln!(out, "portcullis_proxy_unknown_kid_reports_total{{outcome=\"{outcome}\"}} {n}");
+        }
 
         out.push_str("# HELP portcullis_proxy_config_version The config version (store revision) being served; 0 before the first.\n");
         out.push_str("# TYPE portcullis_proxy_config_version gauge\n");
@@ -337,6 +390,8 @@ mod tests {
         r.record_denied(Reason::TokenMissing, Duration::from_micros(100));
         m.unmatched().record_denied(Reason::RouteNotFound, Duration::from_micros(50));
         m.upstream("users-svc").record_error(Reason::UpstreamConnectFailed);
+        m.unknown_kid_reports().record_sent();
+        m.unknown_kid_reports().record_dropped(2);
         check(
             &m,
             &[
@@ -349,6 +404,9 @@ mod tests {
                 r#"portcullis_proxy_request_duration_seconds_bucket{route="users",le="+Inf"} 3"#,
                 r#"portcullis_proxy_request_duration_seconds_count{route="users"} 3"#,
                 r#"portcullis_proxy_upstream_errors_total{upstream="users-svc",reason="upstream_connect_failed"} 1"#,
+                r#"portcullis_proxy_unknown_kid_reports_total{outcome="sent"} 1"#,
+                r#"portcullis_proxy_unknown_kid_reports_total{outcome="deduplicated"} 0"#,
+                r#"portcullis_proxy_unknown_kid_reports_total{outcome="dropped"} 2"#,
                 "portcullis_proxy_config_version 0",
                 "portcullis_proxy_routes 0",
                 "# TYPE portcullis_proxy_request_duration_seconds histogram",

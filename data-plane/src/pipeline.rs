@@ -66,6 +66,7 @@ use tracing::{debug, info};
 use crate::denial::{AuthFailure, Denial, Forbidden};
 use crate::forward::{self, Forwarder, Origin, Outgoing, RequestBody, UpstreamBody, X_FORWARDED_FOR, X_REQUEST_ID};
 use crate::introspect::{Introspection, Introspector, Outcome, Phantom};
+use crate::kid_reports::KidReporter;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Lookup;
 use crate::snapshot::{CompiledRoute, Snapshot, SnapshotHandle};
@@ -176,6 +177,8 @@ pub struct Settings {
     pub token_cache_size: usize,
     /// How many introspection answers (opaque tokens) the process-wide cache holds.
     pub introspection_cache_size: usize,
+    /// CA bundle for https introspection endpoints (default: the system roots).
+    pub introspection_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -186,6 +189,7 @@ impl Default for Settings {
             default_connect_timeout: Duration::from_secs(5),
             token_cache_size: 100_000,
             introspection_cache_size: 100_000,
+            introspection_ca_file: None,
         }
     }
 }
@@ -435,6 +439,8 @@ pub struct Pipeline {
     tokens: TokenCache,
     /// Introspection answers for opaque tokens, across config versions.
     introspection: Introspection,
+    /// Tells the control plane about kids missing from fetched key sets (off by default).
+    kid_reports: KidReporter,
 }
 
 impl Pipeline {
@@ -444,12 +450,23 @@ impl Pipeline {
             snapshots,
             upstreams: UpstreamRegistry::new(Arc::clone(&metrics), Arc::clone(&timeouts)),
             forwarder: Forwarder::new(timeouts),
-            introspection: Introspection::new(settings.introspection_cache_size, Arc::clone(&metrics)),
+            introspection: Introspection::new(
+                settings.introspection_cache_size,
+                settings.introspection_ca_file.as_deref(),
+                Arc::clone(&metrics),
+            ),
             metrics,
             tokens: TokenCache::new(settings.token_cache_size),
             settings,
             ids: RequestIds::default(),
+            kid_reports: KidReporter::disabled(),
         }
+    }
+
+    /// Reports unknown kids of fetched issuers to `reporter` (whose receiver the config client drains).
+    pub fn with_kid_reports(mut self, reporter: KidReporter) -> Pipeline {
+        self.kid_reports = reporter;
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -593,7 +610,10 @@ impl Pipeline {
                         && (looks_like_jwt(t) || !accepted.tokens.contains(&TokenKind::Opaque)) =>
                 {
                     let verifiers = snapshot.route_verifiers.get(index).map_or(&[][..], |v| &v[..]);
-                    self.tokens.verify(verifiers, t, SystemTime::now()).map_err(AuthFailure::Invalid)
+                    self.tokens
+                        .verify(verifiers, t, SystemTime::now())
+                        .inspect_err(|e| self.kid_reports.on_verify_error(snapshot, verifiers, t, e))
+                        .map_err(AuthFailure::Invalid)
                 }
                 Ok(t) if accepted.tokens.contains(&TokenKind::Opaque) => {
                     match self.cached_introspection(snapshot, &accepted.issuers, t) {

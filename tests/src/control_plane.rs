@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use portcullis_control_plane::admin;
 use portcullis_control_plane::discovery::{self, BootstrapToken, ProxyRegistry};
+use portcullis_control_plane::keys::{KeyRotation, KeyRotationConfig, KeyRotationHandle};
 use portcullis_control_plane::state::ConfigState;
 use portcullis_control_plane::store::{AnyStore, embedded::EmbeddedStore, etcd::EtcdStore};
 use portcullis_proto::admin::v1::admin_service_client::AdminServiceClient;
@@ -36,6 +37,9 @@ pub struct TestControlPlane {
     source: StoreSource,
     state: Arc<ConfigState>,
     registry: Arc<ProxyRegistry>,
+    /// The key rotation config, when this control plane runs key rotation (kept across restarts).
+    rotation: Option<KeyRotationConfig>,
+    keys: Option<KeyRotationHandle>,
     shutdown: CancellationToken,
     servers: Vec<JoinHandle<()>>,
     _data_dir: Option<tempfile::TempDir>,
@@ -46,17 +50,25 @@ impl TestControlPlane {
     pub async fn embedded() -> TestControlPlane {
         let dir = tempfile::tempdir().expect("temp dir");
         let source = StoreSource::Embedded(dir.path().to_owned());
-        Self::start(source, Some(dir), None, random_token()).await
+        Self::start(source, Some(dir), None, random_token(), None).await
+    }
+
+    /// A control plane on the embedded store, in a fresh temp dir, that also runs key rotation
+    /// (as the binary does) with `config`, and hands it the proxies' unknown-kid reports.
+    pub async fn embedded_with_key_rotation(config: KeyRotationConfig) -> TestControlPlane {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let source = StoreSource::Embedded(dir.path().to_owned());
+        Self::start(source, Some(dir), None, random_token(), Some(config)).await
     }
 
     /// A control plane on the embedded store in `dir` (to test restarts on the same data).
     pub async fn embedded_in(dir: &Path) -> TestControlPlane {
-        Self::start(StoreSource::Embedded(dir.to_owned()), None, None, random_token()).await
+        Self::start(StoreSource::Embedded(dir.to_owned()), None, None, random_token(), None).await
     }
 
     /// A control plane on `etcd`; several may share one etcd (replicas).
     pub async fn etcd(etcd: &EtcdServer) -> TestControlPlane {
-        Self::start(StoreSource::Etcd(etcd.endpoint()), None, None, random_token()).await
+        Self::start(StoreSource::Etcd(etcd.endpoint()), None, None, random_token(), None).await
     }
 
     async fn start(
@@ -64,6 +76,7 @@ impl TestControlPlane {
         data_dir: Option<tempfile::TempDir>,
         ports: Option<(SocketAddr, SocketAddr)>,
         token: String,
+        rotation: Option<KeyRotationConfig>,
     ) -> TestControlPlane {
         let store = match &source {
             StoreSource::Embedded(dir) => AnyStore::Embedded(EmbeddedStore::open(dir).expect("open embedded store")),
@@ -82,6 +95,13 @@ impl TestControlPlane {
         let addr = listener.local_addr().expect("local addr");
         let proxy_addr = proxy_listener.local_addr().expect("local addr");
         let registry = Arc::new(ProxyRegistry::new());
+        let mut servers = Vec::new();
+        let keys = rotation.clone().map(|config| {
+            let rotation = KeyRotation::new(Arc::clone(&state), config).expect("key rotation config");
+            let handle = rotation.handle();
+            servers.push(tokio::spawn(rotation.run(shutdown.clone())));
+            handle
+        });
         let admin_server = tokio::spawn({
             let (state, registry, shutdown) = (Arc::clone(&state), Arc::clone(&registry), shutdown.clone());
             async move {
@@ -91,12 +111,14 @@ impl TestControlPlane {
         let discovery_server = tokio::spawn({
             let (state, registry, shutdown) = (Arc::clone(&state), Arc::clone(&registry), shutdown.clone());
             let token = BootstrapToken::new(&token).expect("valid token");
+            let keys = keys.clone();
             async move {
-                discovery::serve(state, registry, Some(token), proxy_listener, shutdown)
+                discovery::serve(state, registry, Some(token), keys, proxy_listener, shutdown)
                     .await
                     .expect("discovery server");
             }
         });
+        servers.extend([admin_server, discovery_server]);
         TestControlPlane {
             addr,
             proxy_addr,
@@ -104,8 +126,10 @@ impl TestControlPlane {
             source,
             state,
             registry,
+            rotation,
+            keys,
             shutdown,
-            servers: vec![admin_server, discovery_server],
+            servers,
             _data_dir: data_dir,
         }
     }
@@ -126,6 +150,11 @@ impl TestControlPlane {
 
     pub fn state(&self) -> &Arc<ConfigState> {
         &self.state
+    }
+
+    /// The key rotation task's handle (counters, on-demand refetch), when it runs.
+    pub fn key_rotation(&self) -> Option<&KeyRotationHandle> {
+        self.keys.as_ref()
     }
 
     /// The proxies connected to this control plane (what `ListProxies` reports).
@@ -151,9 +180,9 @@ impl TestControlPlane {
     pub async fn restart(mut self) -> TestControlPlane {
         self.shutdown_and_wait().await;
         let (source, token, ports) = (self.source.clone(), self.token.clone(), (self.addr, self.proxy_addr));
-        let data_dir = self._data_dir.take();
+        let (data_dir, rotation) = (self._data_dir.take(), self.rotation.take());
         drop(self);
-        Self::start(source, data_dir, Some(ports), token).await
+        Self::start(source, data_dir, Some(ports), token, rotation).await
     }
 
     async fn shutdown_and_wait(&mut self) {

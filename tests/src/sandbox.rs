@@ -64,6 +64,8 @@ pub struct SandboxOptions {
     pub store: SandboxStore,
     /// `--drain-timeout` of each proxy.
     pub drain_timeout: Duration,
+    /// The control plane's `--key-refetch-min-interval` (its default when `None`).
+    pub key_refetch_min_interval: Option<Duration>,
 }
 
 impl Default for SandboxOptions {
@@ -73,6 +75,7 @@ impl Default for SandboxOptions {
             worker_threads: 1,
             store: SandboxStore::Etcd,
             drain_timeout: Duration::from_secs(10),
+            key_refetch_min_interval: None,
         }
     }
 }
@@ -535,6 +538,9 @@ impl Sandbox {
                 .arg(self.cp_proxies.to_string())
                 .arg("--bootstrap-token-file")
                 .arg(&self.token_file);
+            if let Some(interval) = self.options.key_refetch_min_interval {
+                command.arg("--key-refetch-min-interval").arg(format!("{}ms", interval.as_millis()));
+            }
             match &self.etcd {
                 Some(etcd) => command.args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoint()]),
                 None => command.args(["--store", "embedded"]).arg("--data-dir").arg(self.dir.path().join("cp-data")),

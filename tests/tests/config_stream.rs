@@ -473,6 +473,7 @@ async fn proxies_without_the_token_are_refused_and_never_registered() {
         Arc::clone(cp.state()),
         Arc::clone(&registry),
         None,
+        None,
         listener,
         stop.clone(),
     ));

@@ -2,7 +2,9 @@
 //! `KeyRotation` task against the test authorization server over real HTTP. Keys appear as Key
 //! resources, follow the server's rotation, are retired after the grace period, survive the
 //! server going down, and bad keys or a lying discovery document never get stored.
-//! Every wait is bounded and driven by the index's revision notifications, not by sleeps.
+//! Proxies' unknown-kid reports on a raw config stream make it refetch, rate-limited.
+//! Every wait is bounded and driven by the index's revision notifications, not by sleeps (the
+//! rotation task's counters, which move without an index change, are polled with a deadline).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use std::time::Duration;
 use portcullis_control_plane::keys::{FetchError, KeyRotation, KeyRotationConfig, KeyRotationHandle, RefetchOutcome};
 use portcullis_control_plane::state::{Change, ConfigState};
 use portcullis_proto::config::v1 as pb;
+use portcullis_proto::discovery::v1 as ds;
+use portcullis_proto::discovery::v1::config_request::Msg;
 use portcullis_shared::Kind;
 use portcullis_tests::auth_server::{AuthServer, Endpoint, weak_rsa_jwk};
 use portcullis_tests::control_plane::TestControlPlane;
@@ -356,4 +360,107 @@ async fn token_and_introspection_endpoints_work() {
     let r = client.request(post("/introspect", form, vec![])).await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(server.requests(Endpoint::Introspect), 4);
+}
+
+// ---------------------------------------------------------------- unknown kids reported by proxies
+
+/// A raw config stream as a proxy would open it: hello, then the first response acknowledged.
+struct RawStream {
+    tx: tokio::sync::mpsc::Sender<ds::ConfigRequest>,
+    inbound: tonic::Streaming<ds::ConfigResponse>,
+}
+
+impl RawStream {
+    async fn open(cp: &TestControlPlane) -> RawStream {
+        let mut client = ds::discovery_service_client::DiscoveryServiceClient::connect(cp.proxy_url()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let hello = ds::ProxyHello { id: "raw-proxy".into(), zone: "z".into(), build: "raw".into(), version: 0 };
+        tx.send(ds::ConfigRequest { msg: Some(Msg::Hello(hello)) }).await.unwrap();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.metadata_mut().insert("authorization", format!("Bearer {}", cp.token()).parse().unwrap());
+        let inbound = client.stream_config(request).await.unwrap().into_inner();
+        let mut stream = RawStream { tx, inbound };
+        stream.next_and_ack().await;
+        stream
+    }
+
+    /// The next response (within [`WAIT`]), acknowledged.
+    async fn next_and_ack(&mut self) -> ds::ConfigResponse {
+        let response = tokio::time::timeout(WAIT, self.inbound.message()).await.unwrap().unwrap().unwrap();
+        self.send(Msg::Ack(ds::Ack { version: response.version })).await;
+        response
+    }
+
+    async fn send(&self, msg: Msg) {
+        self.tx.send(ds::ConfigRequest { msg: Some(msg) }).await.unwrap();
+    }
+
+    async fn unknown_kid(&self, issuer: &str, kid: &str) {
+        self.send(Msg::UnknownKid(ds::UnknownKid { issuer: issuer.into(), kid: kid.into() })).await;
+    }
+}
+
+/// Polls `check` (bounded by [`WAIT`]): for counters of the rotation task, which move without
+/// an index change.
+async fn poll_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kid_reports_on_the_config_stream_trigger_rate_limited_refetches() {
+    // Explicit: one on-demand fetch per issuer per hour, so the second report is refused for sure.
+    let config = KeyRotationConfig { refetch_min_interval: Duration::from_secs(3600), ..Default::default() };
+    let cp = TestControlPlane::embedded_with_key_rotation(config).await;
+    let keys = cp.key_rotation().expect("key rotation runs").clone();
+    let server = AuthServer::start().await;
+    let state = cp.state();
+    // Refreshed hourly: within this test only a report can make it fetch again.
+    put(state, issuer("idp", &server, Source::JwksUri, Some(Duration::from_secs(3600)))).await;
+    let mut inline = issuer("static", &server, Source::JwksUri, None);
+    if let Some(pb::resource::Kind::Issuer(i)) = &mut inline.kind {
+        i.issuer = "http://static.example/".into();
+        i.keys = Some(pb::KeySource {
+            source: Some(pb::key_source::Source::InlineJwks(json!({"keys": [server.jwk("ec-1")]}).to_string())),
+            refresh_interval: None,
+        });
+    }
+    put(state, inline).await;
+    wait_until(state, "the initial keys", || keys_of(state, "idp").len() == 2).await;
+    let mut stream = RawStream::open(&cp).await;
+    let before = server.requests(Endpoint::Jwks);
+    assert_eq!(before, 1);
+
+    // the issuer rotates; a proxy reports the new kid: one fetch, and the key reaches the proxy
+    let new_kid = server.rotate();
+    stream.unknown_kid("idp", &new_kid).await;
+    wait_until(state, "the rotated key", || keys_of(state, "idp").contains_key(&new_kid)).await;
+    assert_eq!(server.requests(Endpoint::Jwks), before + 1);
+    let response = stream.next_and_ack().await;
+    let upserted: Vec<String> =
+        response.upserts.iter().filter_map(|u| Kind::of(u).map(|(_, name)| name.to_owned())).collect();
+    assert_eq!(upserted, [format!("idp-{new_kid}")], "the new key is streamed as a delta");
+
+    // ignored: unknown issuers, inline keys, malformed kids; then a second report of idp within
+    // the window is rate-limited. The stream handles messages in order, so once that one is
+    // counted, the others have been seen.
+    stream.unknown_kid("nobody", "k").await;
+    stream.unknown_kid("static", "k").await;
+    stream.unknown_kid("idp", "").await;
+    stream.unknown_kid("idp", &"x".repeat(300)).await;
+    stream.unknown_kid("idp", "random-\u{1b}[31m-kid").await;
+    poll_until("the rate-limited refetch", || keys.stats().refetches_rate_limited == 1).await;
+    assert_eq!(server.requests(Endpoint::Jwks), before + 1, "no fetch beyond the first report");
+    assert_eq!(keys.stats().fetches, 2, "the initial fetch and the one report");
+
+    // the stream carries on: the next change arrives and is acknowledged
+    put(state, issuer("idp-2", &server, Source::JwksUri, Some(Duration::from_secs(3600)))).await;
+    let response = stream.next_and_ack().await;
+    assert!(!response.full && !response.upserts.is_empty(), "{response:?}");
+    let list = cp.registry().list();
+    let raw = list.iter().find(|p| p.id == "raw-proxy").expect("the raw proxy is listed");
+    assert!(raw.connected, "{raw:?}");
 }

@@ -319,3 +319,36 @@ async fn jwts_are_still_verified_locally_without_introspection() {
     assert_eq!(h.introspections(), 0);
     assert_eq!(h.upstream.requests()[0].header("authorization"), None, "forward_token is off");
 }
+
+#[tokio::test]
+async fn an_https_introspection_endpoint_is_verified_against_the_configured_ca() {
+    let auth = AuthServer::start_tls().await;
+    assert!(auth.issuer().starts_with("https://"));
+    let upstream = RecordingUpstream::start().await;
+    let secret = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(secret.path(), CLIENT_SECRET).expect("write secret");
+    let map = config(&auth, &upstream, &secret.path().display().to_string(), &Options::default());
+    let opaque = auth.issue_opaque(json!({"sub": "alice", "aud": AUD, "scope": "orders:read"}));
+    for (ca, expected) in [
+        (portcullis_tests::tls::ca_file(), StatusCode::OK),
+        (portcullis_tests::tls::other_ca_file(), StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let snapshots = snapshot::new_handle();
+        snapshots.store(Some(Arc::new(snapshot::compile(1, &map).expect("config compiles"))));
+        let settings = Settings { introspection_ca_file: Some(ca), ..Settings::default() };
+        let pipeline = Arc::new(Pipeline::new(snapshots, settings, Arc::new(Metrics::new())));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let proxy = listener.local_addr().expect("proxy addr");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(Server::new(ServerOptions::default(), pipeline, None).serve(listener, shutdown.clone()));
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::get(format!("http://{proxy}/orders/1"))
+            .header("authorization", format!("Bearer {opaque}"))
+            .body(Full::default())
+            .expect("request");
+        let res = client.request(req).await.expect("proxy answers");
+        assert_eq!(res.status(), expected);
+        shutdown.cancel();
+    }
+    assert_eq!(upstream.request_count(), 1, "only the verified connection let a request through");
+}
