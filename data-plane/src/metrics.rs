@@ -62,6 +62,9 @@ pub struct RouteMetrics {
     denied: [AtomicU64; REASONS],
     /// Responses relayed from the upstream, by status class.
     forwarded: [AtomicU64; 5],
+    /// Denials a `report_only` policy decided but did not enforce, by [`Reason`]. Kept apart so
+    /// `portcullis_proxy_requests_total` counts every request once (as what it really got).
+    would_deny: [AtomicU64; REASONS],
     duration: Histogram,
 }
 
@@ -71,6 +74,7 @@ impl RouteMetrics {
             name: name.into(),
             denied: std::array::from_fn(|_| AtomicU64::new(0)),
             forwarded: std::array::from_fn(|_| AtomicU64::new(0)),
+            would_deny: std::array::from_fn(|_| AtomicU64::new(0)),
             duration: Histogram::default(),
         }
     }
@@ -84,6 +88,15 @@ impl RouteMetrics {
     pub fn record_forwarded(&self, status: StatusCode, elapsed: Duration) {
         self.forwarded[status_class(status)].fetch_add(1, Relaxed);
         self.duration.observe(elapsed);
+    }
+
+    /// A denial of a `report_only` policy: decided, logged, not enforced.
+    pub fn record_would_deny(&self, reason: Reason) {
+        self.would_deny[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn would_deny(&self, reason: Reason) -> u64 {
+        self.would_deny[reason as usize].load(Relaxed)
     }
 
     pub fn denied(&self, reason: Reason) -> u64 {
@@ -255,6 +268,19 @@ impl Metrics {
                 if n > 0 {
                     let class = STATUS_CLASSES[status_class(reason.status())];
                     series(&mut out, "portcullis_proxy_requests_total", &r.name, class, reason.as_str(), n);
+                }
+            }
+        }
+
+        out.push_str("# HELP portcullis_proxy_report_only_denials_total Requests a report_only policy would have refused, by route and reason (they were let through).\n");
+        out.push_str("# TYPE portcullis_proxy_report_only_denials_total counter\n");
+        for r in &routes {
+            for reason in Reason::ALL {
+                let n = r.would_deny(reason);
+                if n > 0 {
+                    out.push_str("portcullis_proxy_report_only_denials_total{route=\"");
+                    push_label(&mut out, &r.name);
+                    let _ = writeln!(out, "\",reason=\"{}\"}} {n}", reason.as_str());
                 }
             }
         }

@@ -32,8 +32,9 @@
 //!
 //! A `report_only` policy decides the same way but lets a request it would refuse through: the
 //! denial is counted under its reason and logged (`request would be denied`); nothing about the
-//! refused token reaches the upstream (no `Authorization`, no claim headers). Note the request is
-//! then also counted as forwarded.
+//! refused token reaches the upstream (no `Authorization`, no claim headers). Such a denial is
+//! counted in `portcullis_proxy_report_only_denials_total`, not in `requests_total`, where the
+//! request counts once, as forwarded.
 //!
 //! What it must not do: load the snapshot more than once per request, hold a lock across an
 //! await, format strings for metric labels, or decide anything from the raw path: everything
@@ -734,7 +735,7 @@ impl Pipeline {
         if route.policy.mode != PolicyMode::ReportOnly {
             return Verdict::Deny(denial);
         }
-        self.route_metrics(ctx).record_denied(denial.reason_code(), ctx.start.elapsed());
+        self.route_metrics(ctx).record_would_deny(denial.reason_code());
         info!(
             route.name = %route.route.name,
             stage,

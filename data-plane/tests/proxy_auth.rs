@@ -489,11 +489,21 @@ async fn report_only_counts_the_denial_and_lets_the_request_through() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(h.upstream_count(), 3);
     let m = h.metrics.route("report");
-    assert_eq!(m.denied(Reason::TokenSignatureInvalid), 1);
-    assert_eq!(m.denied(Reason::ScopeMissing), 1);
-    assert_eq!(m.denied(Reason::TokenMissing), 1);
+    assert_eq!(m.would_deny(Reason::TokenSignatureInvalid), 1);
+    assert_eq!(m.would_deny(Reason::ScopeMissing), 1);
+    assert_eq!(m.would_deny(Reason::TokenMissing), 1);
+    assert_eq!(m.denied(Reason::TokenSignatureInvalid), 0, "nothing was refused");
     let text = h.render();
-    assert!(text.contains(r#"route="report",status_class="4xx",reason="token_signature_invalid"} 1"#), "{text}");
+    let report_line =
+        r#"portcullis_proxy_report_only_denials_total{route="report",reason="token_signature_invalid"} 1"#;
+    assert!(text.lines().any(|l| l == report_line), "{text}");
+    // Each request counts once in requests_total: as forwarded, which is what it got.
+    let requests: Vec<&str> =
+        text.lines().filter(|l| l.starts_with(r#"portcullis_proxy_requests_total{route="report""#)).collect();
+    assert_eq!(
+        requests,
+        [r#"portcullis_proxy_requests_total{route="report",status_class="2xx",reason="forwarded"} 3"#]
+    );
 }
 
 // ------------------------------------------------------------------ compilation
