@@ -429,11 +429,15 @@ async fn bad_paths_are_400_and_never_forwarded() {
         ("/api/a%00b", Reason::PathEncodedNul),
         ("/api/a%zz", Reason::PathInvalidEncoding),
         ("/../x", Reason::PathTraversal),
+        // Tomcat/Jetty drop `;` parameters before resolving dot segments: this would be /admin there.
+        ("/api/..;/admin", Reason::PathTraversal),
+        ("/api/%2e%2e;jsessionid=1/admin", Reason::PathTraversal),
     ] {
+        let before = h.metrics.unmatched().denied(reason);
         let res = h.raw(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes()).await;
         assert!(res.starts_with("HTTP/1.1 400"), "{path}: {res}");
         assert!(res.contains("application/problem+json"), "{res}");
-        assert_eq!(h.metrics.unmatched().denied(reason), 1, "{path}");
+        assert_eq!(h.metrics.unmatched().denied(reason), before + 1, "{path}");
     }
     assert!(h.upstream.seen().is_empty());
 }

@@ -16,10 +16,12 @@
 //! `..` at the root (that hides an attack instead of reporting it), or allocate when the path is
 //! already normal (the common case returns [`Cow::Borrowed`]).
 //!
-//! `;` is an ordinary character here, as in RFC 3986: `..;` and `.;x` are *not* dot segments and
-//! pass through unchanged. Upstreams that strip `;` path parameters before resolving dot segments
-//! (Tomcat, Jetty, some Spring setups) would read `/api/..;/admin` as `/admin`; routes in front of
-//! such upstreams must not rely on a prefix alone to protect a sibling path.
+//! `;` is an ordinary character here, as in RFC 3986, with one exception: a segment that is `.`
+//! or `..` followed by `;` parameters (`..;`, `..;jsessionid=x`, `.;x`, also spelled with `%2e`) is
+//! refused as [`PathError::Traversal`]. RFC 3986 calls it an ordinary segment, but Tomcat, Jetty
+//! and some Spring setups strip `;` parameters *before* resolving dot segments, so
+//! `/api/..;/admin` would reach their `/admin` behind a gateway that matched `/api`: a path the
+//! policy never saw. Other `;` parameters (`/a;b=c`) pass unchanged.
 
 use std::borrow::Cow;
 
@@ -83,10 +85,23 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
     }
     // Validate everything in one pass first: most paths are already normal, and those must be
     // returned without building a new string.
-    if !scan(raw.as_bytes())? {
-        return Ok(Cow::Borrowed(raw));
+    let normal = if scan(raw.as_bytes())? { Cow::Owned(rewrite(raw)?) } else { Cow::Borrowed(raw) };
+    if dot_segment_with_parameters(&normal) {
+        return Err(PathError::Traversal);
     }
-    rewrite(raw).map(Cow::Owned)
+    Ok(normal)
+}
+
+/// A `.` or `..` segment carrying `;` parameters, in a normalized path (where `%2e` is already
+/// decoded to `.`). Paths without `;` cost one byte scan.
+fn dot_segment_with_parameters(path: &str) -> bool {
+    if !path.as_bytes().contains(&b';') {
+        return false;
+    }
+    path.split('/').any(|seg| match seg.split_once(';') {
+        Some((head, _)) => head == "." || head == "..",
+        None => false,
+    })
 }
 
 /// What a percent-escape stands for, once its two hex digits are read.
@@ -227,7 +242,14 @@ fn rewrite(raw: &str) -> Result<String, PathError> {
             _ => {
                 out.push(b'/');
                 decode_segment(seg, &mut out)?;
-                match out.get(mark + 1..).unwrap_or_default() {
+                let decoded = out.get(mark + 1..).unwrap_or_default();
+                // Refused even when a later `..` would remove it (see the module docs).
+                if let Some(p) = decoded.iter().position(|b| *b == b';')
+                    && matches!(decoded.get(..p), Some(b"." | b".."))
+                {
+                    return Err(PathError::Traversal);
+                }
+                match decoded {
                     b"." => false,
                     b".." => true,
                     _ => {
@@ -500,10 +522,16 @@ mod tests {
             ("/%2e%2e/etc/passwd", Err(Traversal)),
             ("/api/%2e%2e/%2e%2e/etc", Err(Traversal)),
             ("/api/./.././../x", Err(Traversal)),
-            // `;` is an ordinary character: `..;` is not a dot segment (see the module docs).
-            ("/api/..;/admin", Ok("/api/..;/admin")),
-            ("/api/.;/admin", Ok("/api/.;/admin")),
-            ("/api/%2e%2e;/admin", Ok("/api/..;/admin")),
+            // Dot segments with `;` parameters: Tomcat/Jetty would climb (see the module docs).
+            ("/api/..;/admin", Err(Traversal)),
+            ("/api/..;jsessionid=x/admin", Err(Traversal)),
+            ("/api/.;/admin", Err(Traversal)),
+            ("/api/%2e%2e;/admin", Err(Traversal)),
+            ("/api/.%2e;x/admin", Err(Traversal)),
+            // Other `;` parameters are ordinary characters.
+            ("/api/a;b=c/x", Ok("/api/a;b=c/x")),
+            ("/api/...;/x", Ok("/api/...;/x")),
+            ("/api/..%3B/x", Ok("/api/..%3B/x")),
             ("//admin", Ok("/admin")),
             ("//admin//", Ok("/admin/")),
             ("/api/%252e%252e/", Ok("/api/%252e%252e/")),
@@ -598,6 +626,9 @@ mod tests {
         let mut trailing = false;
         for seg in segments {
             let seg = model_segment(seg);
+            if let Some((".." | ".", _)) = seg.split_once(';') {
+                return Err(PathError::Traversal);
+            }
             trailing = true;
             match seg.as_str() {
                 "" | "." => {}
