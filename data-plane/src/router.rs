@@ -470,7 +470,8 @@ impl RouteTable {
         }
     }
 
-    /// Number of routes given to [`RouteTable::build`].
+    /// Number of routes in the table (inserted and not removed, including those left out for
+    /// an oversized path).
     pub fn len(&self) -> usize {
         self.len
     }
