@@ -1,7 +1,8 @@
 //! Benchmarks of the request path's first two steps: `RouteTable::lookup` at 1k, 10k and 100k
 //! routes (a realistic mix of exact, template and prefix routes over a few hosts, looked up with
 //! requests cycling through thousands of different routes, so caches stay cold as in a real
-//! proxy), and `path::normalize` on typical and adversarial paths.
+//! proxy), and `path::normalize` on typical and adversarial paths; plus what a one-route config
+//! change costs the table (`update`: clone, insert, remove).
 //!
 //! It prints figures; it asserts nothing (that is what the tests are for). Target: at most 1 µs
 //! per lookup at 100k routes, and flat as the table grows.
@@ -170,6 +171,30 @@ fn bench_lookup(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a one-route config change costs the table: a clone of the current version, one route
+/// added and one taken out (the new version shares everything else with the old one).
+fn bench_update(c: &mut Criterion) {
+    let mut group = c.benchmark_group("update");
+    for n in [10_000, 100_000] {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+        let routes: Vec<Route> = (0..n).map(|i| route(i, &mut rng)).collect();
+        let table = RouteTable::build(&routes);
+        let extra: Vec<Route> = (n..n + 64).map(|i| route(i, &mut rng)).collect();
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("clone_insert_remove", n), |b| {
+            b.iter(|| {
+                let mut next = table.clone();
+                next.insert(n, &extra[i % extra.len()]);
+                let at = (i * 7919) % n;
+                next.remove(at, &routes[at]);
+                i += 1;
+                black_box(next)
+            })
+        });
+    }
+    group.finish();
+}
+
 fn bench_normalize(c: &mut Criterion) {
     let mut group = c.benchmark_group("normalize");
     let long_normal = format!("/{}", "segment/".repeat(1000));
@@ -199,5 +224,5 @@ fn config() -> Criterion {
     Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_lookup, bench_normalize }
+criterion_group! { name = benches; config = config(); targets = bench_lookup, bench_update, bench_normalize }
 criterion_main!(benches);

@@ -1,8 +1,10 @@
 //! The proxy's end of the config stream (DESIGN.md §3): connects to a control plane with the
 //! bootstrap token, says hello with the version it holds, and for every response — a full
-//! snapshot or a delta on top of the version it holds — applies it to a copy of its resources,
-//! compiles that on the blocking pool, persists it as last-known-good, publishes it with one
-//! pointer swap and ACKs; or NACKs with the error and keeps serving the previous snapshot.
+//! snapshot or a delta on top of the version it holds — applies it to its resources (in place,
+//! with an undo log), compiles that on the blocking pool (a delta of routes from the previous
+//! snapshot, in time proportional to the change), persists it as last-known-good (a delta as
+//! one appended log record), publishes it with one pointer swap and ACKs; or NACKs with the
+//! error, undoes the change and keeps serving the previous snapshot.
 //! It reconnects on any error with full-jitter exponential backoff, rotating through the
 //! configured control-plane endpoints. It also passes the request path's unknown-kid reports
 //! ([`crate::kid_reports`]) to the control plane on the open stream; reports made while no stream
@@ -32,7 +34,7 @@ use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::kid_reports::{KidReportReceiver, UnknownKidReport};
-use crate::lkg;
+use crate::lkg::{self, LastKnownGood};
 use crate::snapshot::{self, ResourceMap, Snapshot, SnapshotHandle};
 
 /// A full snapshot of a large configuration is one message (as on the control plane's side).
@@ -99,6 +101,8 @@ pub struct ConfigClient {
     resources: ResourceMap,
     /// The version `resources` is; 0 = none (then `resources` is empty).
     version: i64,
+    /// The last-known-good files, if kept; `None` while a compile task has them.
+    lkg: Option<LastKnownGood>,
     reject_for_test: Option<RejectHook>,
     /// Unknown-kid reports from the request path, passed on to the control plane.
     kid_reports: Option<KidReportReceiver>,
@@ -106,11 +110,13 @@ pub struct ConfigClient {
 
 impl ConfigClient {
     pub fn new(options: ConfigClientOptions, snapshots: SnapshotHandle) -> ConfigClient {
+        let lkg = options.cache_dir.clone().map(LastKnownGood::new);
         ConfigClient {
             options,
             snapshots,
             resources: ResourceMap::new(),
             version: 0,
+            lkg,
             reject_for_test: None,
             kid_reports: None,
         }
@@ -139,8 +145,7 @@ impl ConfigClient {
     /// version. Called at start-up before `run`, so a proxy whose control plane is unreachable
     /// serves. Blocking (file read and compile).
     pub fn load_last_known_good(&mut self) -> Option<i64> {
-        let dir = self.options.cache_dir.as_ref()?;
-        let (version, resources) = match lkg::load(dir) {
+        let (version, resources) = match self.lkg.as_mut()?.load() {
             Ok(Some(loaded)) => loaded,
             Ok(None) => {
                 info!(proxy.id = %self.options.proxy_id, "no last-known-good configuration yet");
@@ -282,21 +287,27 @@ impl ConfigClient {
         let full = response.full;
         let started = Instant::now();
         let resources = std::mem::take(&mut self.resources);
-        let cache_dir = self.options.cache_dir.clone();
+        let mut lkg = self.lkg.take();
         let reject = self.reject_for_test.clone();
         let previous = self.snapshots.load_full();
         let task = tokio::task::spawn_blocking(move || {
-            apply(resources, response, cache_dir.as_deref(), reject, previous.as_deref())
+            let applied = apply(resources, response, lkg.as_mut(), reject, previous.as_deref());
+            (applied, lkg)
         });
         let applied = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             r = task => r,
         };
         let applied = match applied {
-            Ok(applied) => applied,
+            Ok((applied, lkg)) => {
+                self.lkg = lkg;
+                applied
+            }
             Err(e) => {
-                // The resources went with the task: start again from nothing.
+                // The resources went with the task: start again from nothing (and with a whole
+                // last-known-good snapshot: the next save writes one).
                 self.version = 0;
+                self.lkg = self.options.cache_dir.clone().map(LastKnownGood::new);
                 return Err(StreamError::Task(e.to_string()));
             }
         };
@@ -373,16 +384,18 @@ struct Applied {
 }
 
 /// On the blocking pool: apply `response` to `resources`, compile, persist on success, undo on
-/// failure. Deltas change the map in place and keep an undo log, so a one-route change costs
-/// O(changes) here, not a copy of every resource (compilation is whole-config anyway).
+/// failure. Deltas change the map in place and keep an undo log, compile from `previous`
+/// (the snapshot of `resources` before the change) and persist as one log record, so a
+/// one-route change costs O(changes) here, not a copy, a compile or a write of every resource.
 fn apply(
     mut resources: ResourceMap,
     response: ConfigResponse,
-    cache_dir: Option<&std::path::Path>,
+    lkg: Option<&mut LastKnownGood>,
     reject: Option<RejectHook>,
     previous: Option<&Snapshot>,
 ) -> Applied {
     let version = response.version;
+    let base = response.base_version;
     let undo = match change(&mut resources, response) {
         Ok(undo) => undo,
         Err(message) => {
@@ -393,13 +406,25 @@ fn apply(
             };
         }
     };
+    let changed = undo.changed();
     let outcome = match reject.and_then(|f| f(&resources)) {
         Some(reason) => Err(format!("config version {version} rejected: {reason}")),
-        None => snapshot::compile_from(version, &resources, previous).map_err(|e| e.to_string()),
+        None => match &changed {
+            // From the snapshot of the version the delta applies to, if that is the one
+            // published (it is, unless something else swapped one in); else by revision.
+            Some(keys) if previous.is_some_and(|p| p.version == base) => {
+                snapshot::compile_changes(version, &resources, previous, keys)
+            }
+            _ => snapshot::compile_from(version, &resources, previous),
+        }
+        .map_err(|e| e.to_string()),
     };
     match outcome {
         Ok(snapshot) => {
-            let persist_error = cache_dir.and_then(|dir| lkg::save(dir, version, &resources).err());
+            let persist_error = lkg.and_then(|lkg| match &changed {
+                Some(keys) => lkg.save_delta(base, version, &resources, keys).err(),
+                None => lkg.save_full(version, &resources).err(),
+            });
             Applied { resources, outcome: Ok(snapshot), persist_error }
         }
         Err(e) => {
@@ -418,6 +443,14 @@ enum Undo {
 }
 
 impl Undo {
+    /// The keys a delta changed; `None` for a full snapshot.
+    fn changed(&self) -> Option<Vec<(Kind, String)>> {
+        match self {
+            Undo::Full(_) => None,
+            Undo::Delta(log) => Some(log.iter().map(|(key, _)| key.clone()).collect()),
+        }
+    }
+
     fn revert(self, resources: &mut ResourceMap) {
         match self {
             Undo::Full(previous) => *resources = previous,
@@ -576,10 +609,67 @@ mod tests {
         assert_eq!(applied.outcome.unwrap_err(), "config version 6 rejected: no b here");
 
         let dir = tempfile::tempdir().unwrap();
-        let applied = apply(map.clone(), good, Some(dir.path()), None, None);
+        let mut files = LastKnownGood::new(dir.path().to_owned());
+        let applied = apply(map.clone(), good, Some(&mut files), None, None);
         assert_eq!(applied.outcome.unwrap().version, 6);
         assert!(applied.persist_error.is_none());
         assert_eq!(lkg::load(dir.path()).unwrap().unwrap(), (6, applied.resources));
+    }
+
+    #[test]
+    fn applied_versions_are_persisted_and_rejected_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = LastKnownGood::new(dir.path().to_owned());
+        let full = ConfigResponse {
+            version: 1,
+            full: true,
+            upserts: vec![upstream("a", "127.0.0.1:1")],
+            ..Default::default()
+        };
+        let one = apply(ResourceMap::new(), full, Some(&mut files), None, None);
+        let snap = one.outcome.unwrap();
+        let two = apply(
+            one.resources,
+            delta(2, 1, vec![upstream("b", "127.0.0.1:2")], &["a"]),
+            Some(&mut files),
+            None,
+            Some(&snap),
+        );
+        let snap = two.outcome.unwrap();
+        assert!(two.persist_error.is_none());
+        assert_eq!(lkg::load(dir.path()).unwrap().unwrap(), (2, two.resources.clone()));
+        let bad = apply(
+            two.resources.clone(),
+            delta(3, 2, vec![upstream("c", "bad")], &[]),
+            Some(&mut files),
+            None,
+            Some(&snap),
+        );
+        assert!(bad.outcome.is_err());
+        assert_eq!(lkg::load(dir.path()).unwrap().unwrap(), (2, two.resources.clone()));
+        // A restarted proxy serves version 2 and appends the next delta on top of it.
+        let handle = snapshot::new_handle();
+        let options = ConfigClientOptions {
+            endpoints: vec![],
+            proxy_id: "p".into(),
+            zone: "z".into(),
+            token: None,
+            cache_dir: Some(dir.path().to_owned()),
+        };
+        let mut client = ConfigClient::new(options, handle.clone());
+        assert_eq!(client.load_last_known_good(), Some(2));
+        assert_eq!(handle.load().as_ref().map(|s| s.version), Some(2));
+        assert_eq!(client.resources, two.resources);
+        let mut files = client.lkg.take().unwrap();
+        let four = apply(
+            client.resources,
+            delta(4, 2, vec![upstream("d", "127.0.0.1:4")], &[]),
+            Some(&mut files),
+            None,
+            handle.load_full().as_deref(),
+        );
+        assert!(four.outcome.is_ok() && four.persist_error.is_none());
+        assert_eq!(lkg::load(dir.path()).unwrap().unwrap(), (4, four.resources));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod admin_http;
 pub mod config_client;
+pub mod cow;
 pub mod denial;
 pub mod forward;
 pub mod introspect;

@@ -14,7 +14,15 @@
 //! method wins (exact host, then wildcards longest suffix first, then any host). Within a
 //! bucket: exact path, then templates (more literal segments first, then literals earlier in
 //! the path), then prefixes (longest first). Between routes with the same path pattern, one that
-//! lists the method beats one that allows any method, then the earlier route wins.
+//! lists the method beats one that allows any method, then the smaller name, then the smaller
+//! index.
+//!
+//! Versions share structure: maps are [`CowMap`]s and trie children sit behind `Arc`s, so a
+//! clone of the table is cheap and [`RouteTable::insert`] / [`RouteTable::remove`] on it copy
+//! only the nodes on the route's path and the map shards they touch. A one-route config change
+//! costs microseconds whatever the number of routes, and a table changed that way answers every
+//! lookup exactly as one built from scratch (the proptests hold both to a linear reference).
+//! The price is one pointer more per trie level on lookups.
 //!
 //! What it must not do: allocate or build strings on the lookup path (host lowercasing uses a
 //! stack buffer, parameters a small inline vector), scan routes linearly, or interpret the path:
@@ -22,24 +30,25 @@
 //! caller strips the port from the host.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::ops::BitOr;
+use std::sync::Arc;
 
 use portcullis_shared::model::{PathMatch, Route, Segment};
 use portcullis_shared::path::MAX_PATH_LEN;
 use smallvec::{SmallVec, smallvec};
 
-/// Children, exact paths and host buckets by name. foldhash rather than SipHash: the keys come
-/// from the configuration, never from requests, so flooding is not a concern, and hashing is
-/// a large part of a lookup's work. `N`: the longest name kept inline (see [`Name`]).
-type Map<V, const N: usize = 22> = HashMap<Name<N>, V, foldhash::fast::RandomState>;
+use crate::cow::CowMap;
+
+/// Children, exact paths and host buckets by name, shared between versions (see
+/// [`CowMap`]: foldhash, since the keys come from the configuration, never from requests).
+/// `N`: the longest name kept inline (see [`Name`]).
+type Map<V, const N: usize = 22> = CowMap<Name<N>, V>;
 
 /// A map key: inline up to `N` bytes, so that the probe that finds it compares it in the same
 /// cache line instead of following a pointer (on a large table, that pointer is a cache miss
 /// on every level of the walk). Compared and hashed as bytes, so lookups use `&[u8]`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Name<const N: usize> {
     Inline { len: u8, bytes: [u8; N] },
     Heap(Box<[u8]>),
@@ -62,21 +71,6 @@ impl<const N: usize> Name<N> {
             Name::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
             Name::Heap(b) => b,
         }
-    }
-}
-
-impl<const N: usize> PartialEq for Name<N> {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl<const N: usize> Eq for Name<N> {}
-
-/// Must hash exactly like the `[u8]` it borrows as, or lookups would miss.
-impl<const N: usize> Hash for Name<N> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
     }
 }
 
@@ -191,13 +185,17 @@ pub enum Lookup<'t, 'p> {
 }
 
 /// One route ending on a trie node or an exact path.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     route: u32,
     /// `None`: any method.
     methods: Option<MethodSet>,
-    /// Template parameters: name and segment position, in position order.
-    params: Box<[(Box<str>, u16)]>,
+    /// Template parameters: name and segment position, in position order. Shared, so that
+    /// copying a node or a shard for the next version copies no strings.
+    params: Arc<[(Box<str>, u16)]>,
+    /// The route's name: ties between routes with the same path pattern go by name, so the
+    /// winner does not depend on the indexes routes happen to get (see [`RouteTable::insert`]).
+    name: Arc<str>,
 }
 
 impl Entry {
@@ -210,9 +208,9 @@ impl Entry {
     }
 
     /// Order within one list: routes naming methods before any-method routes (they are more
-    /// specific), then build order.
-    fn rank(&self) -> (bool, u32) {
-        (self.methods.is_none(), self.route)
+    /// specific), then by name, then by index.
+    fn rank(&self) -> (bool, &str, u32) {
+        (self.methods.is_none(), &self.name, self.route)
     }
 }
 
@@ -225,13 +223,24 @@ fn add(list: &mut Entries, entry: Entry) {
     list.insert(at, entry);
 }
 
+/// Takes the entry of route `route` out of a list; false if it is not there.
+fn take(list: &mut Entries, route: u32) -> bool {
+    match list.iter().position(|e| e.route == route) {
+        Some(at) => {
+            list.remove(at);
+            true
+        }
+        None => false,
+    }
+}
+
 /// The first (best ranked) entry of a list that allows the method.
 fn pick(list: &[Entry], method: Option<MethodSet>) -> Option<&Entry> {
     list.iter().find(|e| e.allows(method))
 }
 
 /// The routes of one host bucket.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Bucket {
     /// Exact routes by their whole path: one probe finds them, and they need no trie nodes,
     /// which keeps the trie (walked for every other lookup) small and cache-friendly.
@@ -240,35 +249,56 @@ struct Bucket {
     root: Node,
 }
 
-/// A trie node, kept to one cache line: what only some nodes carry is boxed.
-#[derive(Debug, Default)]
+impl Bucket {
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.root.is_empty()
+    }
+}
+
+/// A trie node, kept to one cache line: what only some nodes carry is behind a pointer.
+/// Children are shared between versions: a change copies the nodes on its path only.
+#[derive(Debug, Default, Clone)]
 struct Node {
-    literals: Map<Node>,
+    literals: Map<Arc<Node>>,
     /// Matches any one non-empty segment; parameter names live in the template entries, so
     /// `/users/{id}` and `/users/{uid}` share this child.
-    param: Option<Box<Node>>,
+    param: Option<Arc<Node>>,
     ends: Option<Box<Ends>>,
-    /// The most literal segments below this node of any template ending on it or under it;
-    /// `None` when none does. Lets the template search skip branches that cannot win.
+    /// At least the most literal segments below this node of any template ending on it or
+    /// under it; `None` when none does. Lets the template search skip branches that cannot
+    /// win. Removing a route leaves it as it was while templates remain below (an upper bound
+    /// only costs search time, never a wrong match).
     template_literals: Option<u16>,
-    /// Some prefix route ends strictly below this node, along literal edges.
-    prefix_below: bool,
+    /// Templates ending on this node or under it (when it drops to 0, `template_literals`
+    /// goes back to `None`).
+    templates_below: u32,
+    /// Prefix routes ending strictly below this node, along literal edges.
+    prefix_below: u32,
 }
 
 /// Routes ending on a node.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Ends {
     prefix: Entries,
     template: Entries,
 }
 
 impl Node {
+    /// The literal child for `segment`, created if needed, copied first if shared.
     fn child(&mut self, segment: &str) -> &mut Node {
-        self.literals.entry(Name::new(segment)).or_default()
+        Arc::make_mut(self.literals.get_or_insert_with(segment.as_bytes(), || Name::new(segment), Arc::default))
+    }
+
+    fn param_child(&mut self) -> &mut Node {
+        Arc::make_mut(self.param.get_or_insert_with(Arc::default))
     }
 
     fn ends(&mut self) -> &mut Ends {
         self.ends.get_or_insert_with(Box::default)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_none() && self.literals.is_empty() && self.param.is_none()
     }
 }
 
@@ -282,11 +312,14 @@ fn split_first(path: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// The routes of one configuration version, ready for lookups.
+/// The routes of one configuration version, ready for lookups. Cloning it is cheap (its maps
+/// and trie nodes are shared), and [`RouteTable::insert`] / [`RouteTable::remove`] on the
+/// clone copy only what they touch: that is how a new version is made from the previous one.
+#[derive(Clone)]
 pub struct RouteTable {
-    exact_hosts: Map<Bucket>,
+    exact_hosts: Map<Arc<Bucket>>,
     /// Keyed by the suffix after `*.`: `example.com` for `*.example.com`.
-    wildcard_hosts: Map<Bucket>,
+    wildcard_hosts: Map<Arc<Bucket>>,
     /// The most labels of any wildcard suffix: longer suffixes of a host are not probed, so a
     /// host with a hundred labels costs no more hash lookups than the configuration needs.
     wildcard_max_labels: usize,
@@ -304,52 +337,141 @@ impl fmt::Debug for RouteTable {
     }
 }
 
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable::new()
+    }
+}
+
+/// Where one of a route's hosts puts it.
+enum HostKey {
+    Any,
+    Exact(String),
+    /// The suffix after `*.`.
+    Wildcard(String),
+}
+
+fn host_keys(route: &Route) -> impl Iterator<Item = HostKey> + '_ {
+    let any = route.hosts.is_empty().then_some(HostKey::Any);
+    any.into_iter().chain(route.hosts.iter().map(|host| {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        match host.strip_prefix("*.") {
+            Some(suffix) => HostKey::Wildcard(suffix.to_owned()),
+            None => HostKey::Exact(host),
+        }
+    }))
+}
+
+/// What the table keeps of a route, or `None` for one it leaves out: a path longer than
+/// [`MAX_PATH_LEN`] (no normalized path can match it, and leaving it out bounds the trie's
+/// depth), or an index beyond `u32` (not a configuration anyone can push).
+fn entry_for(index: usize, route: &Route) -> Option<(u32, Option<MethodSet>)> {
+    let path_len = match &route.path {
+        PathMatch::Exact(p) | PathMatch::Prefix(p) => p.len(),
+        PathMatch::Template { raw, .. } => raw.len(),
+    };
+    let index = u32::try_from(index).ok()?;
+    if path_len > MAX_PATH_LEN {
+        return None;
+    }
+    let methods = (!route.methods.is_empty())
+        .then(|| route.methods.iter().filter_map(|m| MethodSet::of(m)).fold(MethodSet::EMPTY, BitOr::bitor));
+    Some((index, methods))
+}
+
 impl RouteTable {
-    /// Compiles validated routes; a route's index is its position in `routes`. A route whose
-    /// path is longer than [`MAX_PATH_LEN`] is left out: no normalized path can match it, and
-    /// leaving it out bounds the trie's depth.
-    pub fn build<'a>(routes: impl IntoIterator<Item = &'a Route>) -> RouteTable {
-        let mut table = RouteTable {
+    pub fn new() -> RouteTable {
+        RouteTable {
             exact_hosts: Map::default(),
             wildcard_hosts: Map::default(),
             wildcard_max_labels: 0,
             any_host: Bucket::default(),
             len: 0,
-        };
+        }
+    }
+
+    /// Compiles validated routes; a route's index is its position in `routes`. A route whose
+    /// path is longer than [`MAX_PATH_LEN`] is left out: no normalized path can match it, and
+    /// leaving it out bounds the trie's depth.
+    pub fn build<'a>(routes: impl IntoIterator<Item = &'a Route>) -> RouteTable {
+        let mut table = RouteTable::new();
         for (index, route) in routes.into_iter().enumerate() {
-            table.len += 1;
-            let path_len = match &route.path {
-                PathMatch::Exact(p) | PathMatch::Prefix(p) => p.len(),
-                PathMatch::Template { raw, .. } => raw.len(),
-            };
-            // A table of more than 4 billion routes is not a configuration anyone can push.
-            let Ok(index) = u32::try_from(index) else {
-                continue;
-            };
-            if path_len > MAX_PATH_LEN {
-                continue;
-            }
-            let methods = (!route.methods.is_empty())
-                .then(|| route.methods.iter().filter_map(|m| MethodSet::of(m)).fold(MethodSet::EMPTY, BitOr::bitor));
-            if route.hosts.is_empty() {
-                insert(&mut table.any_host, index, methods, &route.path);
-            }
-            for host in &route.hosts {
-                let host = host.trim_end_matches('.').to_ascii_lowercase();
-                let bucket = match host.strip_prefix("*.") {
-                    Some(suffix) => {
-                        table.wildcard_max_labels = table.wildcard_max_labels.max(suffix.split('.').count());
-                        table.wildcard_hosts.entry(Name::new(suffix)).or_default()
-                    }
-                    None => table.exact_hosts.entry(Name::new(&host)).or_default(),
-                };
-                insert(bucket, index, methods, &route.path);
-            }
+            table.insert(index, route);
         }
         table
     }
 
-    /// Number of routes given to [`RouteTable::build`].
+    /// Adds `route` as index `index`, which no route in the table may have. Costs the route's
+    /// hosts times its path segments, whatever the size of the table. A table made by inserts
+    /// and removals in any order answers every lookup as one built from its routes at once:
+    /// between routes with the same path pattern (which validation rejects anyway), names and
+    /// then indexes decide, not the order of changes.
+    pub fn insert(&mut self, index: usize, route: &Route) {
+        self.len += 1;
+        let Some((index, methods)) = entry_for(index, route) else {
+            return;
+        };
+        let name: Arc<str> = route.name.as_str().into();
+        for key in host_keys(route) {
+            let bucket = match &key {
+                HostKey::Any => &mut self.any_host,
+                HostKey::Exact(host) => Arc::make_mut(self.exact_hosts.get_or_insert_with(
+                    host.as_bytes(),
+                    || Name::new(host),
+                    Arc::default,
+                )),
+                HostKey::Wildcard(suffix) => {
+                    self.wildcard_max_labels = self.wildcard_max_labels.max(suffix.split('.').count());
+                    Arc::make_mut(self.wildcard_hosts.get_or_insert_with(
+                        suffix.as_bytes(),
+                        || Name::new(suffix),
+                        Arc::default,
+                    ))
+                }
+            };
+            insert(bucket, index, methods, &name, &route.path);
+        }
+    }
+
+    /// Takes out the route inserted as index `index`; `route` must be the one inserted (its
+    /// hosts and path say where it is). Costs what its insert cost.
+    pub fn remove(&mut self, index: usize, route: &Route) {
+        self.len = self.len.saturating_sub(1);
+        let Some((index, _)) = entry_for(index, route) else {
+            return;
+        };
+        let mut wildcards_gone = false;
+        for key in host_keys(route) {
+            let (map, host) = match &key {
+                HostKey::Any => {
+                    remove(&mut self.any_host, index, &route.path);
+                    continue;
+                }
+                HostKey::Exact(host) => (&mut self.exact_hosts, host),
+                HostKey::Wildcard(suffix) => (&mut self.wildcard_hosts, suffix),
+            };
+            let Some(bucket) = map.get_mut(host.as_bytes()) else {
+                continue;
+            };
+            let bucket = Arc::make_mut(bucket);
+            remove(bucket, index, &route.path);
+            if bucket.is_empty() {
+                map.remove(host.as_bytes());
+                wildcards_gone |= matches!(key, HostKey::Wildcard(_));
+            }
+        }
+        if wildcards_gone {
+            self.wildcard_max_labels = self
+                .wildcard_hosts
+                .iter()
+                .map(|(suffix, _)| suffix.as_bytes().iter().filter(|b| **b == b'.').count() + 1)
+                .max()
+                .unwrap_or(0);
+        }
+    }
+
+    /// Number of routes in the table (inserted and not removed, including those left out for
+    /// an oversized path).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -387,7 +509,7 @@ impl RouteTable {
     /// returns something.
     fn in_buckets<'t, R>(&'t self, host: Option<&str>, mut f: impl FnMut(&'t Bucket) -> Option<R>) -> Option<R> {
         let host = host.unwrap_or("").as_bytes();
-        if let Some(r) = self.exact_hosts.get(host).and_then(&mut f) {
+        if let Some(r) = self.exact_hosts.get(host).and_then(|b| f(b)) {
             return Some(r);
         }
         if self.wildcard_max_labels > 0 {
@@ -397,7 +519,7 @@ impl RouteTable {
             let mut labels = host.iter().filter(|b| **b == b'.').count();
             for (at, _) in host.iter().enumerate().filter(|(_, b)| **b == b'.') {
                 if labels <= self.wildcard_max_labels
-                    && let Some(r) = host.get(at + 1..).and_then(|s| self.wildcard_hosts.get(s)).and_then(&mut f)
+                    && let Some(r) = host.get(at + 1..).and_then(|s| self.wildcard_hosts.get(s)).and_then(|b| f(b))
                 {
                     return Some(r);
                 }
@@ -422,28 +544,58 @@ fn lowercase_host<'b>(host: &'b str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<
     std::str::from_utf8(dst).ok()
 }
 
-fn insert(bucket: &mut Bucket, route: u32, methods: Option<MethodSet>, path: &PathMatch) {
-    let entry = |params: Vec<(Box<str>, u16)>| Entry { route, methods, params: params.into_boxed_slice() };
+/// One step down the trie for a prefix or template route.
+enum Step<'r> {
+    Literal(&'r str),
+    Param,
+}
+
+/// The trie steps of a prefix or template path; `None` for an exact path.
+fn steps(path: &PathMatch) -> Option<Vec<Step<'_>>> {
     match path {
-        PathMatch::Exact(p) => add(bucket.exact.entry(Name::new(p)).or_default(), entry(Vec::new())),
-        PathMatch::Prefix(p) => {
-            // `/api/` and `/api` are the same prefix (see `PathMatch::identity`); `/` is the root.
-            let p = p.trim_end_matches('/');
+        PathMatch::Exact(_) => None,
+        // `/api/` and `/api` are the same prefix (see `PathMatch::identity`); `/` is the root.
+        PathMatch::Prefix(p) => Some(p.trim_end_matches('/').split('/').skip(1).map(Step::Literal).collect()),
+        PathMatch::Template { segments, .. } => Some(
+            segments
+                .iter()
+                .map(|s| match s {
+                    Segment::Literal(l) => Step::Literal(l),
+                    Segment::Param(_) => Step::Param,
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Depth is bounded by MAX_PATH_LEN (checked by the caller), so counts of segments fit in u16.
+fn count(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+fn insert(bucket: &mut Bucket, route: u32, methods: Option<MethodSet>, name: &Arc<str>, path: &PathMatch) {
+    let entry = |params: Vec<(Box<str>, u16)>| Entry { route, methods, params: params.into(), name: Arc::clone(name) };
+    match path {
+        PathMatch::Exact(p) => {
+            add(bucket.exact.get_or_insert_with(p.as_bytes(), || Name::new(p), Entries::new), entry(Vec::new()))
+        }
+        PathMatch::Prefix(_) => {
             let mut node = &mut bucket.root;
-            for segment in p.split('/').skip(1) {
-                node.prefix_below = true;
-                node = node.child(segment);
+            for step in steps(path).into_iter().flatten() {
+                if let Step::Literal(segment) = step {
+                    node.prefix_below += 1;
+                    node = node.child(segment);
+                }
             }
             add(&mut node.ends().prefix, entry(Vec::new()));
         }
         PathMatch::Template { segments, .. } => {
-            // Depth is bounded by MAX_PATH_LEN (checked by the caller), so these fit in u16.
-            let count = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
             let mut literals_left = count(segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count());
             let mut params = Vec::new();
             let mut node = &mut bucket.root;
             for (i, segment) in segments.iter().enumerate() {
                 node.template_literals = node.template_literals.max(Some(literals_left));
+                node.templates_below += 1;
                 node = match segment {
                     Segment::Literal(l) => {
                         literals_left = literals_left.saturating_sub(1);
@@ -451,14 +603,132 @@ fn insert(bucket: &mut Bucket, route: u32, methods: Option<MethodSet>, path: &Pa
                     }
                     Segment::Param(name) => {
                         params.push((name.as_str().into(), count(i)));
-                        node.param.get_or_insert_with(Box::default)
+                        node.param_child()
                     }
                 };
             }
             node.template_literals = node.template_literals.max(Some(0));
+            node.templates_below += 1;
             add(&mut node.ends().template, entry(params));
         }
     }
+}
+
+/// Undoes [`insert`] for the entry of `route` at `path`, and drops the nodes left empty.
+/// Iterative, like the walk: one pass down to fix the counts and take the entry, one pass
+/// (reading only) to find the chain of nodes left empty, one pass down to cut it off.
+fn remove(bucket: &mut Bucket, route: u32, path: &PathMatch) {
+    let Some(steps) = steps(path) else {
+        if let PathMatch::Exact(p) = path
+            && let Some(list) = bucket.exact.get_mut(p.as_bytes())
+            && take(list, route)
+            && list.is_empty()
+        {
+            bucket.exact.remove(p.as_bytes());
+        }
+        return;
+    };
+    let template = matches!(path, PathMatch::Template { .. });
+    // Only fix the counts if the entry is there (it always is when callers keep the contract).
+    if !found(&bucket.root, &steps, template, route) {
+        return;
+    }
+    let mut node = &mut bucket.root;
+    for step in &steps {
+        if template {
+            node.templates_below = node.templates_below.saturating_sub(1);
+            if node.templates_below == 0 {
+                node.template_literals = None;
+            }
+        } else {
+            node.prefix_below = node.prefix_below.saturating_sub(1);
+        }
+        let next = match step {
+            Step::Literal(l) => node.literals.get_mut(l.as_bytes()),
+            Step::Param => node.param.as_mut(),
+        };
+        let Some(next) = next else {
+            return;
+        };
+        node = Arc::make_mut(next);
+    }
+    if template {
+        node.templates_below = node.templates_below.saturating_sub(1);
+        if node.templates_below == 0 {
+            node.template_literals = None;
+        }
+    }
+    if let Some(ends) = node.ends.as_deref_mut() {
+        take(if template { &mut ends.template } else { &mut ends.prefix }, route);
+        if ends.prefix.is_empty() && ends.template.is_empty() {
+            node.ends = None;
+        }
+    }
+    // The shallowest depth from which every node down the path is left empty once its child
+    // on the path goes: cut the edge into it.
+    let mut cut = None;
+    let mut chain: Vec<&Node> = Vec::with_capacity(steps.len() + 1);
+    let mut at = Some(&bucket.root);
+    for step in &steps {
+        let Some(n) = at else { break };
+        chain.push(n);
+        at = match step {
+            Step::Literal(l) => n.literals.get(l.as_bytes()).map(Arc::as_ref),
+            Step::Param => n.param.as_deref(),
+        };
+    }
+    if let Some(last) = at
+        && last.is_empty()
+        && !steps.is_empty()
+    {
+        cut = Some(steps.len());
+        for depth in (1..steps.len()).rev() {
+            let Some(n) = chain.get(depth) else { break };
+            let only_child = n.ends.is_none()
+                && match steps.get(depth) {
+                    Some(Step::Literal(_)) => n.literals.len() == 1 && n.param.is_none(),
+                    _ => n.literals.is_empty(),
+                };
+            if !only_child {
+                break;
+            }
+            cut = Some(depth);
+        }
+    }
+    let Some(cut) = cut else {
+        return;
+    };
+    let mut node = &mut bucket.root;
+    for step in steps.iter().take(cut - 1) {
+        let next = match step {
+            Step::Literal(l) => node.literals.get_mut(l.as_bytes()),
+            Step::Param => node.param.as_mut(),
+        };
+        let Some(next) = next else {
+            return;
+        };
+        node = Arc::make_mut(next);
+    }
+    match steps.get(cut - 1) {
+        Some(Step::Literal(l)) => {
+            node.literals.remove(l.as_bytes());
+        }
+        Some(Step::Param) => node.param = None,
+        None => {}
+    }
+}
+
+/// Whether the entry of `route` ends where `steps` lead.
+fn found(root: &Node, steps: &[Step<'_>], template: bool, route: u32) -> bool {
+    let mut node = Some(root);
+    for step in steps {
+        node = node.and_then(|n| match step {
+            Step::Literal(l) => n.literals.get(l.as_bytes()).map(Arc::as_ref),
+            Step::Param => n.param.as_deref(),
+        });
+    }
+    node.and_then(|n| n.ends.as_deref())
+        .is_some_and(|e| if template { &e.template } else { &e.prefix }.iter().any(|e| e.route == route))
 }
 
 /// A trie node reached by [`walk`].
@@ -511,17 +781,17 @@ fn walk<'t>(root: &'t Node, path: &str, mut visit: impl FnMut(Visit<'t>) -> Next
             && !segment.is_empty()
             && let Some(child) = &node.param
         {
-            stack.push(Frame { node: child, rest: tail, literals, literal_only: false });
+            stack.push(Frame { node: child.as_ref(), rest: tail, literals, literal_only: false });
         }
         if let Some(child) = node.literals.get(segment.as_bytes()) {
-            stack.push(Frame { node: child, rest: tail, literals: literals.saturating_add(1), literal_only });
+            stack.push(Frame { node: child.as_ref(), rest: tail, literals: literals.saturating_add(1), literal_only });
         }
     }
 }
 
 /// Where to go below a node: towards templates that can still win, towards longer prefixes.
 fn next(templates: bool, v: &Visit<'_>) -> Next {
-    match (templates, v.literal_only && v.node.prefix_below) {
+    match (templates, v.literal_only && v.node.prefix_below > 0) {
         (true, _) => Next::All,
         (false, true) => Next::Literal,
         (false, false) => Next::Prune,
@@ -1046,12 +1316,18 @@ mod tests {
 
     /// A naive linear matcher: ranks every route and takes the best.
     fn reference(routes: &[Route], host: &str, method: &str, path: &str) -> Outcome {
+        let indexed: Vec<(usize, &Route)> = routes.iter().enumerate().collect();
+        reference_at(&indexed, host, method, path)
+    }
+
+    /// [`reference`] over routes with the given indexes; ties go by name, then index.
+    fn reference_at(routes: &[(usize, &Route)], host: &str, method: &str, path: &str) -> Outcome {
         let host = host.to_lowercase();
         let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
         let mut best = None;
         let mut allowed: Vec<&str> = vec![];
         let mut any_path = false;
-        for (i, r) in routes.iter().enumerate() {
+        for &(i, r) in routes {
             let (Some(h), Some((p, params))) = (host_rank(r, host), path_rank(r, path)) else {
                 continue;
             };
@@ -1060,7 +1336,7 @@ mod tests {
             if !r.methods.is_empty() && !r.methods.iter().any(|m| m == method) {
                 continue;
             }
-            let key = (h, p, !r.methods.is_empty(), std::cmp::Reverse(i));
+            let key = (h, p, !r.methods.is_empty(), std::cmp::Reverse(r.name.as_str()), std::cmp::Reverse(i));
             if best.as_ref().is_none_or(|(k, _)| key > *k) {
                 best = Some((key, (i, params)));
             }
@@ -1164,8 +1440,81 @@ mod tests {
         })
     }
 
+    /// Routes named `r00`, `r01`, ... (so ties by name are ties by position), and a sequence of
+    /// changes: `(route, index)` inserts the route (if it is not in) under the index (the
+    /// lowest free one at or above it) or removes it (if it is in).
+    type Changes = (Vec<Route>, Vec<(usize, usize)>, Vec<(String, String, String)>);
+
+    fn arb_changes() -> impl Strategy<Value = Changes> {
+        prop::collection::vec(arb_route(), 1..12).prop_flat_map(|mut routes| {
+            for (i, r) in routes.iter_mut().enumerate() {
+                r.name = format!("r{i:02}");
+            }
+            let n = routes.len();
+            let changes = prop::collection::vec((0..n, 0..2 * n), 1..40);
+            let request =
+                (0..n, arb_request(), prop::sample::select(vec!["a", "b", "c"]), any::<bool>(), any::<bool>());
+            let aimed = routes.clone();
+            let requests = prop::collection::vec(request, 1..24).prop_map(move |reqs| {
+                reqs.into_iter()
+                    .map(|(i, (host, method, path), filler, aim, keep_method)| {
+                        if aim {
+                            aimed_request(&aimed[i], filler, keep_method, (host, method))
+                        } else {
+                            (host.to_string(), method.to_string(), path)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            (Just(routes), changes, requests)
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Inserts and removals in any order, on a table shared with older versions: every
+        /// version answers like the linear reference over its routes, and like a table built
+        /// from scratch; no change to a newer version shows in an older one.
+        #[test]
+        fn incremental_changes_agree_with_a_fresh_build((routes, changes, requests) in arb_changes()) {
+            let mut table = RouteTable::new();
+            // index -> route position, for the routes in the table
+            let mut live: BTreeMap<usize, usize> = BTreeMap::new();
+            let mut versions = vec![(table.clone(), live.clone())];
+            for (route, index) in changes {
+                if let Some((&at, _)) = live.iter().find(|(_, r)| **r == route) {
+                    table.remove(at, &routes[route]);
+                    live.remove(&at);
+                } else {
+                    let at = (index..).find(|i| !live.contains_key(i)).unwrap();
+                    table.insert(at, &routes[route]);
+                    live.insert(at, route);
+                }
+                versions.push((table.clone(), live.clone()));
+            }
+            for (table, live) in &versions {
+                let indexed: Vec<(usize, &Route)> = live.iter().map(|(i, r)| (*i, &routes[*r])).collect();
+                let mut fresh = RouteTable::new();
+                for (i, r) in &indexed {
+                    fresh.insert(*i, r);
+                }
+                prop_assert_eq!(table.len(), live.len());
+                for (host, method, path) in &requests {
+                    let got = outcome(table.lookup(host, method, path));
+                    prop_assert_eq!(&got, &reference_at(&indexed, host, method, path), "{} {} {}", method, host, path);
+                    prop_assert_eq!(&got, &outcome(fresh.lookup(host, method, path)), "{} {} {}", method, host, path);
+                }
+            }
+            // Removing everything leaves nothing behind.
+            let (mut table, live) = versions.pop().unwrap();
+            for (i, r) in live {
+                table.remove(i, &routes[r]);
+            }
+            prop_assert!(table.any_host.is_empty() && table.exact_hosts.is_empty() && table.wildcard_hosts.is_empty());
+            prop_assert_eq!((table.any_host.root.templates_below, table.any_host.root.prefix_below), (0, 0));
+            prop_assert_eq!(table.wildcard_max_labels, 0);
+        }
 
         #[test]
         fn trie_agrees_with_linear_reference((routes, requests) in arb_case()) {

@@ -37,6 +37,14 @@
 //! pooled connections, see `upstream.rs`). A `ca_file` (or system bundle) that cannot be read or
 //! holds no usable certificate is a violation of `tls.ca_file`: the version is NACKed.
 //!
+//! A delta that only upserts or removes routes (the common change) is compiled from the
+//! previous snapshot in time proportional to the change ([`compile_changes`]): the route list
+//! and the route table are shared with the previous version ([`crate::cow`]), only the changed
+//! routes are converted and validated, and a removed route's index goes to the last route.
+//! Route indexes are therefore not in any particular order; nothing depends on it (the route
+//! table breaks ties by name, not index). Any other change compiles the whole version, reusing
+//! what is unchanged by revision ([`compile_from`]).
+//!
 //! State that must outlive a swap (upstream connection pools, rate-limit buckets, token
 //! caches) is not in here: it lives beside the snapshot, keyed by stable identity.
 
@@ -53,6 +61,7 @@ use portcullis_shared::kind::ResourceExt;
 use portcullis_shared::model::{self, Resource};
 use portcullis_shared::{Kind, Violation, Violations};
 
+use crate::cow::{CowMap, CowVec};
 use crate::introspect::Introspector;
 use crate::pipeline::{RouteBindings, RoutePlan};
 use crate::router::RouteTable;
@@ -83,13 +92,15 @@ pub struct CompiledRoute {
     pub bindings: RouteBindings,
 }
 
-#[derive(Debug)]
+/// Cloning one is cheap apart from the upstream, policy, issuer and key maps (one entry per
+/// resource of those kinds, not per route): that is how [`compile_changes`] starts.
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     /// The control plane's config version (store revision) this snapshot is.
     pub version: i64,
     pub table: RouteTable,
     /// Indexed by the route index the table returns.
-    pub routes: Vec<Arc<CompiledRoute>>,
+    pub routes: CowVec<Arc<CompiledRoute>>,
     pub upstreams: HashMap<String, Arc<model::Upstream>>,
     /// The TLS settings of the upstreams with TLS enabled, by upstream name.
     pub upstream_tls: HashMap<String, Arc<TlsSettings>>,
@@ -100,7 +111,7 @@ pub struct Snapshot {
     pub verifiers: HashMap<String, Arc<Verifier>>,
     /// Indexed like `routes`: the verifiers of the route's policy's issuers, in the policy's
     /// order (empty for a public policy).
-    pub route_verifiers: Vec<Arc<[Arc<Verifier>]>>,
+    pub route_verifiers: CowVec<Arc<[Arc<Verifier>]>>,
     /// One introspector per Issuer with an introspection endpoint, by the Issuer's name.
     pub introspectors: HashMap<String, Arc<Introspector>>,
     pub blocks: Vec<model::Block>,
@@ -109,15 +120,19 @@ pub struct Snapshot {
     /// What the next compile may reuse: the store revision each converted upstream, policy and
     /// route had (see [`compile_from`]).
     reuse: Reuse,
+    /// The earliest `retire_at` still ahead at compile time: from then on the key sets are
+    /// stale, and [`compile_changes`] compiles the whole version to drop the retired key.
+    keys_valid_until: Option<SystemTime>,
 }
 
 /// Converted resources by name with the revision they were converted from. Revisions are store
 /// revisions, set by the control plane: an unchanged revision means unchanged content.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Reuse {
     upstreams: HashMap<String, i64>,
     policies: HashMap<String, i64>,
-    routes: HashMap<String, (i64, Arc<CompiledRoute>)>,
+    /// Route name → (revision, index in [`Snapshot::routes`]).
+    routes: CowMap<Box<[u8]>, (i64, usize)>,
     /// TLS client configurations by (CA file, `None` = system roots; HTTP/2), with the CA file's
     /// stamp when it was read.
     tls_configs: HashMap<(Option<String>, bool), (FileStamp, Arc<rustls::ClientConfig>)>,
@@ -164,7 +179,7 @@ pub fn compile_from(
     let mut blocks = Vec::new();
     let mut routes = Vec::new();
     let mut reusable_routes = Vec::new();
-    let mut kept: Vec<Arc<CompiledRoute>> = Vec::new();
+    let mut kept: Vec<(i64, Arc<CompiledRoute>)> = Vec::new();
     for ((kind, name), resource) in resources {
         let revision = resource.revision();
         // Reuse needs a real store revision: 0 means "unknown" (hand-built maps in tests).
@@ -184,8 +199,9 @@ pub fn compile_from(
                     continue;
                 }
             }
-            Kind::Route if same(prev.routes.get(name).map(|(r, _)| r)) => {
-                if let Some((_, compiled)) = prev.routes.get(name) {
+            Kind::Route if same(prev.routes.get(name.as_bytes()).map(|(r, _)| r)) => {
+                let compiled = prev.routes.get(name.as_bytes()).and_then(|(_, at)| previous?.routes.get(*at));
+                if let Some(compiled) = compiled {
                     reusable_routes.push((revision, Arc::clone(compiled)));
                     continue;
                 }
@@ -224,18 +240,11 @@ pub fn compile_from(
             && policies.get(&compiled.route.policy).is_some_and(|p| Arc::ptr_eq(p, &compiled.policy))
             && same_tls(upstream_tls.get(&compiled.route.upstream), compiled.tls.as_ref());
         if unchanged {
-            reuse.routes.insert(compiled.route.name.clone(), (revision, Arc::clone(&compiled)));
-            kept.push(compiled);
+            kept.push((revision, compiled));
         } else {
             routes.push((revision, compiled.route.clone()));
         }
     }
-    let missing = |kind: Kind, name: &str, field: &str, target: Kind, target_name: &str| Violation {
-        kind,
-        name: name.to_owned(),
-        field: field.to_owned(),
-        message: format!("{target} {target_name:?} does not exist"),
-    };
     for p in policies.values() {
         if let model::Authentication::Required(a) | model::Authentication::Optional(a) = &p.authentication {
             for i in &a.issuers {
@@ -245,7 +254,8 @@ pub fn compile_from(
             }
         }
     }
-    let verifiers = compile_verifiers(&issuers, &keys, SystemTime::now(), &mut violations);
+    let now = SystemTime::now();
+    let verifiers = compile_verifiers(&issuers, &keys, now, &mut violations);
     let introspectors = compile_introspectors(&issuers, &verifiers, &mut violations);
     let mut compiled = kept;
     compiled.reserve(routes.len());
@@ -258,8 +268,7 @@ pub fn compile_from(
                     let tls = upstream_tls.get(&route.upstream).cloned();
                     let bindings = RouteBindings::default();
                     let c = Arc::new(CompiledRoute { route, upstream, policy, tls, plan, bindings });
-                    reuse.routes.insert(c.route.name.clone(), (revision, Arc::clone(&c)));
-                    compiled.push(c);
+                    compiled.push((revision, c));
                 }
                 Err(v) => violations.push(v),
             },
@@ -273,29 +282,29 @@ pub fn compile_from(
             }
         }
     }
-    // Route indexes must not depend on which routes were reused: order by name, as the map is.
-    compiled.sort_unstable_by(|a, b| a.route.name.cmp(&b.route.name));
+    // A whole compile orders routes by name, as the map is, whichever were reused.
+    compiled.sort_unstable_by(|(_, a), (_, b)| a.route.name.cmp(&b.route.name));
     if !violations.is_empty() {
         return Err(CompileError { version, violations: Violations(violations) });
     }
     let mut by_policy: HashMap<&str, Arc<[Arc<Verifier>]>> = HashMap::new();
     let route_verifiers = compiled
         .iter()
-        .map(|c| {
+        .map(|(_, c)| {
             let p = &c.policy;
-            Arc::clone(by_policy.entry(p.name.as_str()).or_insert_with(|| match &p.authentication {
-                model::Authentication::Required(a) | model::Authentication::Optional(a) => {
-                    a.issuers.iter().filter_map(|i| verifiers.get(i).cloned()).collect()
-                }
-                model::Authentication::Public { .. } => Arc::from([]),
-            }))
+            Arc::clone(by_policy.entry(p.name.as_str()).or_insert_with(|| policy_verifiers(p, &verifiers)))
         })
         .collect();
-    let table = RouteTable::build(compiled.iter().map(|c| &c.route));
+    let table = RouteTable::build(compiled.iter().map(|(_, c)| &c.route));
+    for (at, (revision, c)) in compiled.iter().enumerate() {
+        *reuse.routes.get_or_insert_with(c.route.name.as_bytes(), || c.route.name.as_bytes().into(), || (0, 0)) =
+            (*revision, at);
+    }
+    let keys_valid_until = keys.iter().filter_map(|k| k.retire_at).filter(|t| *t > now).min();
     Ok(Snapshot {
         version,
         table,
-        routes: compiled,
+        routes: compiled.into_iter().map(|(_, c)| c).collect(),
         upstreams,
         upstream_tls,
         policies,
@@ -307,6 +316,7 @@ pub fn compile_from(
         blocks,
         resource_count: resources.len(),
         reuse,
+        keys_valid_until,
     })
 }
 
@@ -386,6 +396,137 @@ fn compile_tls(
         out.insert(name.clone(), settings);
     }
     out
+}
+
+/// The verifiers of a policy's issuers, in the policy's order (none for a public policy).
+fn policy_verifiers(policy: &model::Policy, verifiers: &HashMap<String, Arc<Verifier>>) -> Arc<[Arc<Verifier>]> {
+    match &policy.authentication {
+        model::Authentication::Required(a) | model::Authentication::Optional(a) => {
+            a.issuers.iter().filter_map(|i| verifiers.get(i).cloned()).collect()
+        }
+        model::Authentication::Public { .. } => Arc::from([]),
+    }
+}
+
+/// Compiles `resources` as config `version`, which differs from `previous` (the snapshot of the
+/// resources before the change) in the keys `changed` only. When those are all routes and the
+/// key sets are not due to change (a key retiring), the new snapshot is `previous` with those
+/// routes taken out, converted, validated and put back in: the cost of the change, not of the
+/// configuration. Otherwise, and without a previous snapshot, it is [`compile_from`].
+///
+/// The result is what [`compile`] would make of `resources`, route indexes aside: each route
+/// compiled against the same upstream and policy, every lookup answered alike.
+pub fn compile_changes(
+    version: i64,
+    resources: &ResourceMap,
+    previous: Option<&Snapshot>,
+    changed: &[(Kind, String)],
+) -> Result<Snapshot, CompileError> {
+    let now = SystemTime::now();
+    let Some(previous) = previous
+        .filter(|p| changed.iter().all(|(kind, _)| *kind == Kind::Route) && p.keys_valid_until.is_none_or(|t| now < t))
+    else {
+        return compile_from(version, resources, previous);
+    };
+    // Everything but the routes carries over as it is. (A field indexed by route must be
+    // kept in step below, like `routes` and `route_verifiers`.)
+    let mut next = previous.clone();
+    next.version = version;
+    next.resource_count = resources.len();
+    let mut violations = Vec::new();
+    let mut names: Vec<&str> = changed.iter().map(|(_, name)| name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        next.take_route(name);
+        let key = (Kind::Route, name.to_owned());
+        let Some(resource) = resources.get(&key) else {
+            continue;
+        };
+        let route = match Resource::try_from(resource) {
+            Err(v) => {
+                violations.extend(v.0);
+                continue;
+            }
+            Ok(Resource::Route(r)) if r.name == name => r,
+            Ok(r) => {
+                violations.push(Violation {
+                    kind: Kind::Route,
+                    name: name.to_owned(),
+                    field: "name".into(),
+                    message: format!("stored under {} {name} but is {} {}", Kind::Route, r.kind(), r.name()),
+                });
+                continue;
+            }
+        };
+        let upstream = next.upstreams.get(&route.upstream).cloned();
+        let policy = next.policies.get(&route.policy).cloned();
+        let (Some(upstream), Some(policy)) = (upstream, policy) else {
+            if !next.upstreams.contains_key(&route.upstream) {
+                violations.push(missing(Kind::Route, name, "upstream", Kind::Upstream, &route.upstream));
+            }
+            if !next.policies.contains_key(&route.policy) {
+                violations.push(missing(Kind::Route, name, "policy", Kind::Policy, &route.policy));
+            }
+            continue;
+        };
+        match RoutePlan::compile(&route, &upstream, &policy) {
+            Ok(plan) => {
+                let verifiers = policy_verifiers(&policy, &next.verifiers);
+                let tls = next.upstream_tls.get(&route.upstream).cloned();
+                let c = CompiledRoute { route, upstream, policy, tls, plan, bindings: RouteBindings::default() };
+                next.put_route(resource.revision(), Arc::new(c), verifiers);
+            }
+            Err(v) => violations.push(v),
+        }
+    }
+    if !violations.is_empty() {
+        return Err(CompileError { version, violations: Violations(violations) });
+    }
+    Ok(next)
+}
+
+fn missing(kind: Kind, name: &str, field: &str, target: Kind, target_name: &str) -> Violation {
+    Violation {
+        kind,
+        name: name.to_owned(),
+        field: field.to_owned(),
+        message: format!("{target} {target_name:?} does not exist"),
+    }
+}
+
+impl Snapshot {
+    /// Takes the route named `name` out, if it is in; the last route takes its index.
+    fn take_route(&mut self, name: &str) {
+        let Some(at) = self.reuse.routes.remove(name.as_bytes()).map(|(_, at)| at) else {
+            return;
+        };
+        if let Some(gone) = self.routes.get(at) {
+            self.table.remove(at, &gone.route);
+        }
+        let last = self.routes.len().saturating_sub(1);
+        if at != last
+            && let Some(moved) = self.routes.get(last).cloned()
+        {
+            self.table.remove(last, &moved.route);
+            self.table.insert(at, &moved.route);
+            if let Some(entry) = self.reuse.routes.get_mut(moved.route.name.as_bytes()) {
+                entry.1 = at;
+            }
+        }
+        self.routes.swap_remove(at);
+        self.route_verifiers.swap_remove(at);
+    }
+
+    /// Adds a route (not in) as the last index.
+    fn put_route(&mut self, revision: i64, route: Arc<CompiledRoute>, verifiers: Arc<[Arc<Verifier>]>) {
+        let at = self.routes.len();
+        self.table.insert(at, &route.route);
+        let name = route.route.name.as_bytes();
+        *self.reuse.routes.get_or_insert_with(name, || name.into(), || (0, 0)) = (revision, at);
+        self.routes.push(route);
+        self.route_verifiers.push(verifiers);
+    }
 }
 
 /// One verifier per issuer (see the module docs for what makes a key a violation).
@@ -601,6 +742,111 @@ mod tests {
         let fresh = compile(4, &m).unwrap();
         let names = |s: &Snapshot| s.routes.iter().map(|c| c.route.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&third), names(&fresh));
+    }
+
+    /// The name of the route each path finds, per snapshot.
+    fn found(s: &Snapshot, path: &str) -> Option<String> {
+        match s.table.lookup("h", "GET", path) {
+            Lookup::Found(m) => Some(s.routes[m.route].route.name.clone()),
+            _ => None,
+        }
+    }
+
+    #[track_caller]
+    fn same_as_fresh(s: &Snapshot, m: &ResourceMap, paths: &[String]) {
+        let fresh = compile(s.version, m).unwrap();
+        let names = |s: &Snapshot| {
+            let mut n: Vec<String> = s.routes.iter().map(|c| c.route.name.clone()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(s), names(&fresh));
+        assert_eq!(
+            (s.routes.len(), s.route_verifiers.len(), s.table.len()),
+            (fresh.routes.len(), fresh.routes.len(), fresh.routes.len())
+        );
+        assert_eq!(s.resource_count, m.len());
+        for p in paths {
+            assert_eq!(found(s, p), found(&fresh, p), "{p}");
+        }
+        for (i, c) in s.routes.iter().enumerate() {
+            assert_eq!(s.reuse.routes.get(c.route.name.as_bytes()).map(|(_, at)| *at), Some(i));
+        }
+    }
+
+    #[test]
+    fn route_changes_compile_from_the_previous_snapshot_like_a_whole_compile() {
+        let mut m = ResourceMap::new();
+        for (k, r) in base() {
+            m.insert(k, with_revision(r, 1));
+        }
+        for i in 0..300 {
+            insert(&mut m, with_revision(route(&format!("r{i:03}"), &format!("/p/{i}"), "u", "p"), 2));
+        }
+        let paths: Vec<String> = (0..320).map(|i| format!("/p/{i}")).chain(["/x".into(), "/q".into()]).collect();
+        let first = compile_from(2, &m, None).unwrap();
+        let original = m.clone();
+        let mut snap = compile_from(2, &m, Some(&first)).unwrap();
+        let route_key = |n: &str| (Kind::Route, n.to_owned());
+        // (upserts as (name, path), removals)
+        type Step<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let steps: &[Step<'_>] = &[
+            (&[("new1", "/p/310")], &[]),
+            (&[("r005", "/p/311")], &[]),
+            (&[], &["r000"]),
+            (&[], &["new1"]),
+            (&[], &["r150", "r299", "nope"]),
+            (&[("r150", "/p/150"), ("new2", "/q")], &["r001"]),
+            // the same path twice: the name decides, as in a whole compile
+            (&[("a-first", "/p/7")], &[]),
+            (&[("r002", "/p/312")], &["r002"]),
+        ];
+        for (v, (upserts, removals)) in (3..).zip(steps) {
+            let mut changed = Vec::new();
+            for (name, path) in *upserts {
+                insert(&mut m, with_revision(route(name, path, "u", "p"), v));
+                changed.push(route_key(name));
+            }
+            for name in *removals {
+                m.remove(&route_key(name));
+                changed.push(route_key(name));
+            }
+            let next = compile_changes(v, &m, Some(&snap), &changed).unwrap();
+            same_as_fresh(&next, &m, &paths);
+            let shared = next.routes.iter().filter(|c| snap.routes.iter().any(|o| Arc::ptr_eq(c, o))).count();
+            assert!(shared + upserts.len() >= next.routes.len(), "unchanged routes are not compiled again");
+            snap = next;
+        }
+        assert_eq!(found(&snap, "/p/7").as_deref(), Some("a-first"));
+        // The first snapshot is untouched by all of it.
+        same_as_fresh(&first, &original, &paths);
+    }
+
+    #[test]
+    fn a_bad_route_change_fails_and_other_changes_compile_everything() {
+        let mut m = ResourceMap::new();
+        for (k, r) in base() {
+            m.insert(k, with_revision(r, 1));
+        }
+        let snap = compile_from(1, &m, None).unwrap();
+        let key = (Kind::Route, "r2".to_owned());
+        insert(&mut m, with_revision(route("r2", "/y", "nope", "p"), 2));
+        let err = compile_changes(2, &m, Some(&snap), std::slice::from_ref(&key)).unwrap_err();
+        assert_eq!(err.violations.to_string(), "route r2: upstream: upstream \"nope\" does not exist");
+        insert(&mut m, with_revision(route("r2", "no-slash", "u", "p"), 2));
+        let err = compile_changes(2, &m, Some(&snap), std::slice::from_ref(&key)).unwrap_err();
+        assert!(err.to_string().contains("route r2: match.path.exact"), "{err}");
+        assert_eq!(found(&snap, "/x").as_deref(), Some("r"));
+        // An upstream change compiles the whole version: the routes get the new upstream.
+        let mut u = m[&(Kind::Upstream, "u".to_owned())].clone();
+        if let Some(pb::resource::Kind::Upstream(x)) = &mut u.kind {
+            x.endpoints = vec!["127.0.0.1:10".into()];
+        }
+        insert(&mut m, with_revision(u, 3));
+        insert(&mut m, with_revision(route("r2", "/y", "u", "p"), 3));
+        let next = compile_changes(3, &m, Some(&snap), &[key, (Kind::Upstream, "u".to_owned())]).unwrap();
+        assert!(next.routes.iter().all(|c| c.upstream.endpoints == ["127.0.0.1:10"]));
+        same_as_fresh(&next, &m, &["/x".into(), "/y".into()]);
     }
 
     #[test]

@@ -365,7 +365,12 @@ async fn a_version_one_proxy_cannot_apply_is_nacked_and_the_others_move_on(cp: T
     let v2 = put(&cp, exact_route("poison", "/poison", "orders", "open")).await;
     assert_eq!(route_names(&a.at(v2).await), ["poison", "r1"]);
     assert_eq!(route_names(&b.at(v2).await), ["poison", "r1"]);
-    let list = proxies_where(&cp, "proxy-c to NACK", |l| status(l, "proxy-c").last_nack_version == v2).await;
+    // A proxy's ACK follows its publish: wait for those too, not only for the NACK.
+    let list = proxies_where(&cp, "proxy-c to NACK, the others to ACK", |l| {
+        status(l, "proxy-c").last_nack_version == v2
+            && ["proxy-a", "proxy-b"].iter().all(|id| status(l, id).acked_version == v2)
+    })
+    .await;
     let pc = status(&list, "proxy-c");
     assert!(pc.last_nack_error.contains("route poison is not supported"), "{pc:?}");
     assert!(pc.last_nack_error.contains(&v2.to_string()), "names the version: {pc:?}");
