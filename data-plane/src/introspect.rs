@@ -32,9 +32,9 @@
 //! let the opaque token reach the upstream.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -227,7 +227,9 @@ enum CallError {
 /// The proxy's introspection client and cache; lives beside the snapshots (a config push keeps
 /// the cache of unchanged issuers).
 pub struct Introspection {
-    http: Client<HttpsConnector, Full<Bytes>>,
+    /// Built on the first call: a proxy without opaque-token policies never loads CA roots.
+    http: OnceLock<Client<HttpsConnector, Full<Bytes>>>,
+    ca_file: Option<PathBuf>,
     shards: Box<[Shard]>,
     per_shard: usize,
     inflight: Mutex<HashMap<[u8; 32], Arc<OnceCell<Outcome>>>>,
@@ -249,21 +251,28 @@ impl Introspection {
     /// `ca_file`: the CA bundle https endpoints must chain to; default the system roots. The
     /// proxy checks it at start-up (an unusable one stops it there).
     pub fn new(capacity: usize, ca_file: Option<&Path>, metrics: Arc<Metrics>) -> Introspection {
-        let connect_timeout = Duration::from_secs(2);
-        let connector = match tls_client_config(ca_file, &[b"http/1.1"]) {
-            Ok(tls) => HttpsConnector::new(tls, connect_timeout),
-            Err(error) => {
-                warn!(error = %error, "no usable CA roots: https introspection endpoints cannot be reached");
-                HttpsConnector::http_only(connect_timeout)
-            }
-        };
         Introspection {
-            http: Client::builder(TokioExecutor::new()).build(connector),
+            http: OnceLock::new(),
+            ca_file: ca_file.map(Path::to_path_buf),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
             inflight: Mutex::new(HashMap::new()),
             metrics,
         }
+    }
+
+    fn http(&self) -> &Client<HttpsConnector, Full<Bytes>> {
+        self.http.get_or_init(|| {
+            let connect_timeout = Duration::from_secs(2);
+            let connector = match tls_client_config(self.ca_file.as_deref(), &[b"http/1.1"]) {
+                Ok(tls) => HttpsConnector::new(tls, connect_timeout),
+                Err(error) => {
+                    warn!(error = %error, "no usable CA roots: https introspection endpoints cannot be reached");
+                    HttpsConnector::http_only(connect_timeout)
+                }
+            };
+            Client::builder(TokioExecutor::new()).build(connector)
+        })
     }
 
     /// A cached answer for `token` at `introspector`, without waiting.
@@ -374,7 +383,7 @@ impl Introspection {
         if let Some(credentials) = &introspector.authorization {
             request.headers_mut().insert(AUTHORIZATION, credentials.clone());
         }
-        let response = self.http.request(request).await?;
+        let response = self.http().request(request).await?;
         if response.status() != StatusCode::OK {
             return Err(CallError::Status(response.status()));
         }
