@@ -401,7 +401,9 @@ async fn send_h1(
     loop {
         let (mut sender, fresh) = match pool.take() {
             Some(sender) => (sender, false),
-            None => (connect_h1(endpoint, connect_timeout, tls).await?, true),
+            // Boxed: connecting (TCP, TLS handshake, HTTP/1.1 handshake) is rare and its future
+            // large; inline, every pooled request's future would carry and copy it.
+            None => (Box::pin(connect_h1(endpoint, connect_timeout, tls)).await?, true),
         };
         if let Err(e) = sender.ready().await {
             if fresh {
@@ -519,14 +521,15 @@ impl Forwarder {
                 let Ok(uri) = Uri::from_parts(parts) else { break };
                 uri
             };
-            let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
-            *request.method_mut() = method.clone();
-            *request.uri_mut() = uri;
-            *request.version_mut() = version;
-            *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
-
             let _in_flight = state.start(i);
-            let sending = async {
+            // The request and the attempt are built where they are awaited: a value bound to a
+            // local first keeps its own slot in this (larger) future, next to the copy in use.
+            let sent = tokio::time::timeout_at(deadline, async {
+                let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
+                *request.method_mut() = method.clone();
+                *request.uri_mut() = uri;
+                *request.version_mut() = version;
+                *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
                 if pooled {
                     send_h1(endpoint, upstream.connect_timeout, tls.map(|t| &**t), request).await
                 } else {
@@ -539,8 +542,9 @@ impl Forwarder {
                         Err(e) => Err(SendError::Legacy(e)),
                     }
                 }
-            };
-            let result = match tokio::time::timeout_at(deadline, sending).await {
+            })
+            .await;
+            let result = match sent {
                 Err(_) => {
                     debug!(upstream.name = %state.name, upstream.endpoint = %endpoint.authority, "upstream request timed out");
                     state.metrics.record_error(Reason::UpstreamTimeout);
