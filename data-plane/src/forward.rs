@@ -682,11 +682,16 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, and `Upgrade` unless
 /// `keep_upgrade` (a protocol switch being forwarded, which keeps `Connection: upgrade`).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one scan of the few names is cheaper than six hashed removals.
-    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+    // One scan of the few names finds which are there: most messages carry none, and most
+    // upstream responses only `Connection: keep-alive`; a hashed removal per absent name costs
+    // more than the scan.
+    let present = headers.keys().fold(0, |found, name| found | hop_by_hop_bit(name));
+    if present == 0 && !keep_upgrade {
         return;
     }
-    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+    if present & HOP_CONNECTION != 0
+        && let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION)
+    {
         let (_, values) = entry.remove_entry_mult();
         let values: SmallVec<[HeaderValue; 2]> = values.collect();
         for token in values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
@@ -694,29 +699,60 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
                 continue;
             }
-            headers.remove(token);
+            // Tokens such as `keep-alive` or `close` usually name no header of the message:
+            // look among the names present instead of parsing and hashing the token.
+            let named = headers.keys().find(|name| name.as_str().eq_ignore_ascii_case(token)).cloned();
+            if let Some(name) = named {
+                headers.remove(name);
+            }
         }
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
-        headers.remove(name);
+    for (bit, name) in [
+        (HOP_KEEP_ALIVE, &KEEP_ALIVE),
+        (HOP_PROXY_CONNECTION, &PROXY_CONNECTION),
+        (HOP_TE, &header::TE),
+        (HOP_TRAILER, &header::TRAILER),
+        (HOP_TRANSFER_ENCODING, &header::TRANSFER_ENCODING),
+    ] {
+        if present & bit != 0 {
+            headers.remove(name);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
 
-/// Whether `name` is one of the hop-by-hop headers [`remove_hop_by_hop`] always handles (the
-/// ones `Connection` names can only be there with `Connection`).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
+const HOP_CONNECTION: u8 = 1;
+const HOP_KEEP_ALIVE: u8 = 1 << 1;
+const HOP_PROXY_CONNECTION: u8 = 1 << 2;
+const HOP_TE: u8 = 1 << 3;
+const HOP_TRAILER: u8 = 1 << 4;
+const HOP_TRANSFER_ENCODING: u8 = 1 << 5;
+const HOP_UPGRADE: u8 = 1 << 6;
+
+/// The bit of `name` if it is one of the hop-by-hop headers [`remove_hop_by_hop`] always
+/// handles (the ones `Connection` names can only be there with `Connection`), else 0.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if *name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if *name == header::TE {
+        HOP_TE
+    } else if *name == header::TRAILER {
+        HOP_TRAILER
+    } else if *name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if *name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if *name == KEEP_ALIVE {
+        HOP_KEEP_ALIVE
+    } else if *name == PROXY_CONNECTION {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
+    }
 }
 
 /// What the proxy knows about where a request came from.
@@ -726,6 +762,8 @@ pub struct Origin<'a> {
     pub client: IpAddr,
     /// The socket peer.
     pub peer: IpAddr,
+    /// `for=<peer>;proto=<proto>` ([`forwarded_peer`]), built once per connection.
+    pub peer_element: &'a str,
     pub peer_trusted: bool,
     /// The `X-Forwarded-For` to send (the trusted chain plus the peer, or just the peer).
     pub xff: HeaderValue,
@@ -748,33 +786,82 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, origin: &Origin<'_>) {
         if !origin.peer_trusted || !headers.contains_key(&X_FORWARDED_HOST) {
             headers.insert(&X_FORWARDED_HOST, h.clone());
         }
-        headers.insert(header::HOST, h.clone());
-    }
-    let mut forwarded = String::with_capacity(64);
-    let existing: SmallVec<[HeaderValue; 1]> = match headers.entry(header::FORWARDED) {
-        header::Entry::Occupied(e) if origin.peer_trusted => e.remove_entry_mult().1.collect(),
-        header::Entry::Occupied(e) => {
-            e.remove();
-            SmallVec::new()
+        match headers.entry(header::HOST) {
+            // Usually the request's own `Host`: nothing to replace.
+            header::Entry::Occupied(e) if e.iter().eq([h]) => {}
+            header::Entry::Occupied(mut e) => {
+                e.insert(h.clone());
+            }
+            header::Entry::Vacant(e) => {
+                e.insert(h.clone());
+            }
         }
-        header::Entry::Vacant(_) => SmallVec::new(),
-    };
-    for v in existing.iter().filter_map(|v| v.to_str().ok()) {
-        forwarded.push_str(v);
-        forwarded.push_str(", ");
     }
-    // Appended to a trusted chain, the element names the peer (the node that connected to
-    // us, RFC 7239 §5.2); as the only element, the resolved client.
-    let for_ip = if existing.is_empty() { origin.client } else { origin.peer };
-    forwarded_element(&mut forwarded, for_ip, proto, host);
-    if let Ok(v) = HeaderValue::try_from(forwarded) {
-        headers.insert(header::FORWARDED, v);
+    match headers.entry(header::FORWARDED) {
+        header::Entry::Occupied(mut e) if origin.peer_trusted => {
+            let mut chain = String::with_capacity(128);
+            for v in e.iter().filter_map(|v| v.to_str().ok()) {
+                chain.push_str(v);
+                chain.push_str(", ");
+            }
+            // Appended to a trusted chain, the element names the peer (the node that connected
+            // to us, RFC 7239 §5.2).
+            chain.push_str(origin.peer_element);
+            forwarded_host(&mut chain, host);
+            match HeaderValue::try_from(chain) {
+                Ok(v) => {
+                    e.insert(v);
+                }
+                Err(_) => {
+                    e.remove();
+                }
+            }
+        }
+        entry => {
+            // As the only element, it names the resolved client.
+            let mut element = SmallVec::<[u8; 128]>::new();
+            if origin.client == origin.peer {
+                element.extend_from_slice(origin.peer_element.as_bytes());
+            } else {
+                let mut s = String::new();
+                forwarded_for(&mut s, origin.client, proto);
+                element.extend_from_slice(s.as_bytes());
+            }
+            if let Some(host) = host {
+                push_forwarded_host(&mut element, host);
+            }
+            match (entry, HeaderValue::from_bytes(&element)) {
+                (header::Entry::Occupied(mut e), Ok(v)) => {
+                    e.insert(v);
+                }
+                (header::Entry::Occupied(e), Err(_)) => {
+                    e.remove();
+                }
+                (header::Entry::Vacant(e), Ok(v)) => {
+                    e.insert(v);
+                }
+                (header::Entry::Vacant(_), Err(_)) => {}
+            }
+        }
     }
+}
+
+/// `for=<peer>;proto=<proto>` for a connection from `peer`: the start of the `Forwarded`
+/// element of each of its requests, formatted once per connection.
+pub fn forwarded_peer(peer: IpAddr, tls: bool) -> String {
+    let mut out = String::with_capacity(64);
+    forwarded_for(&mut out, peer, if tls { "https" } else { "http" });
+    out
 }
 
 /// Appends one RFC 7239 element: `for=…;proto=…;host=…`, IPv6 quoted and bracketed, a host
 /// that is not a token (a port's `:`) quoted.
 pub fn forwarded_element(out: &mut String, for_ip: IpAddr, proto: &str, host: Option<&str>) {
+    forwarded_for(out, for_ip, proto);
+    forwarded_host(out, host);
+}
+
+fn forwarded_for(out: &mut String, for_ip: IpAddr, proto: &str) {
     use std::fmt::Write as _;
     out.push_str("for=");
     let _ = match for_ip {
@@ -783,25 +870,39 @@ pub fn forwarded_element(out: &mut String, for_ip: IpAddr, proto: &str, host: Op
     };
     out.push_str(";proto=");
     out.push_str(proto);
-    if let Some(host) = host {
-        out.push_str(";host=");
-        if !host.is_empty() && host.bytes().all(is_tchar) {
-            out.push_str(host);
-        } else {
-            out.push('"');
-            for c in host.chars() {
-                if c == '"' || c == '\\' {
-                    out.push('\\');
-                }
-                out.push(c);
+}
+
+fn forwarded_host(out: &mut String, host: Option<&str>) {
+    let Some(host) = host else { return };
+    let mut bytes = SmallVec::<[u8; 128]>::new();
+    push_forwarded_host(&mut bytes, host);
+    // Only ASCII went in (a host is a visible-ASCII header value).
+    out.push_str(std::str::from_utf8(&bytes).unwrap_or_default());
+}
+
+/// `;host=<host>`, quoted (with `"` and `\` escaped) unless the host is a token.
+fn push_forwarded_host(out: &mut SmallVec<[u8; 128]>, host: &str) {
+    out.extend_from_slice(b";host=");
+    if !host.is_empty() && host.bytes().all(is_tchar) {
+        out.extend_from_slice(host.as_bytes());
+        return;
+    }
+    out.push(b'"');
+    for part in host.split_inclusive(['"', '\\']) {
+        match part.as_bytes().split_last() {
+            Some((&last, rest)) if last == b'"' || last == b'\\' => {
+                out.extend_from_slice(rest);
+                out.push(b'\\');
+                out.push(last);
             }
-            out.push('"');
+            _ => out.extend_from_slice(part.as_bytes()),
         }
     }
+    out.push(b'"');
 }
 
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
 }
 
 // ------------------------------------------------------------------ upgrades
@@ -874,6 +975,9 @@ mod tests {
             check_hop(&[(hop, "x"), ("x-kept", "3")], false, &["x-kept: 3"]);
         }
         check_hop(&[("connection", " , ,")], false, &[]);
+        // an upstream's usual answer: only `Connection: keep-alive`
+        check_hop(&[("connection", "keep-alive"), ("content-length", "3")], false, &["content-length: 3"]);
+        check_hop(&[("connection", "close, X-Kept-Not")], false, &[]);
     }
 
     #[test]
@@ -911,6 +1015,9 @@ mod tests {
         );
         check_forwarded("192.0.2.60", "http", Some("[::1]:80"), r#"for=192.0.2.60;proto=http;host="[::1]:80""#);
         check_forwarded("192.0.2.60", "http", None, "for=192.0.2.60;proto=http");
+        check_forwarded("192.0.2.60", "http", Some(r#"a"b\c"#), r#"for=192.0.2.60;proto=http;host="a\"b\\c""#);
+        check_forwarded("192.0.2.60", "http", Some(""), r#"for=192.0.2.60;proto=http;host="""#);
+        assert_eq!(forwarded_peer("2001:db8::1".parse().unwrap(), true), r#"for="[2001:db8::1]";proto=https"#);
     }
 
     fn check_origin(trusted: bool, incoming: &[(&str, &str)], expected: &[&str]) {
@@ -919,6 +1026,7 @@ mod tests {
         let origin = Origin {
             client: "203.0.113.7".parse().unwrap(),
             peer: "10.0.0.2".parse().unwrap(),
+            peer_element: &forwarded_peer("10.0.0.2".parse().unwrap(), true),
             peer_trusted: trusted,
             xff: HeaderValue::from_static("203.0.113.7, 10.0.0.2"),
             tls: true,

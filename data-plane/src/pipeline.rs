@@ -152,6 +152,8 @@ pub struct ConnInfo {
     pub peer: IpAddr,
     /// `peer` as a header value, for `X-Forwarded-For` from an untrusted peer.
     peer_header: HeaderValue,
+    /// `for=<peer>;proto=<proto>`, the start of the `Forwarded` element naming the peer.
+    peer_element: Box<str>,
     pub tls: bool,
 }
 
@@ -160,7 +162,8 @@ impl ConnInfo {
         let peer = peer.ip().to_canonical();
         let peer_header =
             HeaderValue::try_from(peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ConnInfo { peer, peer_header, tls }
+        let peer_element = forward::forwarded_peer(peer, tls).into_boxed_str();
+        ConnInfo { peer, peer_header, peer_element, tls }
     }
 }
 
@@ -360,7 +363,7 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct RequestCtx {
     parts: Parts,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     start: Instant,
     request_id: HeaderValue,
     snapshot: Option<Arc<Snapshot>>,
@@ -380,7 +383,7 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(parts: Parts, conn: ConnInfo) -> RequestCtx {
+    fn new(parts: Parts, conn: Arc<ConnInfo>) -> RequestCtx {
         RequestCtx {
             client_ip: conn.peer,
             xff: conn.peer_header.clone(),
@@ -474,7 +477,7 @@ impl Pipeline {
     }
 
     /// Runs one request through the stages and forwards it.
-    pub async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+    pub async fn handle(&self, request: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<ResponseBody> {
         let (parts, body) = request.into_parts();
         let mut ctx = RequestCtx::new(parts, conn);
         for (stage, run) in STAGES {
@@ -831,8 +834,15 @@ impl Pipeline {
         if te_trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
-        let origin =
-            Origin { client: client_ip, peer: conn.peer, peer_trusted, xff, tls: conn.tls, host: host.as_ref() };
+        let origin = Origin {
+            client: client_ip,
+            peer: conn.peer,
+            peer_element: &conn.peer_element,
+            peer_trusted,
+            xff,
+            tls: conn.tls,
+            host: host.as_ref(),
+        };
         forward::set_forwarding_headers(&mut parts.headers, &origin);
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
         let path_and_query = upstream_path

@@ -92,11 +92,12 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let conn = ConnInfo::new(peer, self.tls.is_some());
+            // Shared by the connection's requests: one reference count per request, not a copy.
+            let conn = Arc::new(ConnInfo::new(peer, self.tls.is_some()));
             let pipeline = Arc::clone(&self.pipeline);
             let service = service_fn(move |request: Request<Incoming>| {
                 let pipeline = Arc::clone(&pipeline);
-                let conn = conn.clone();
+                let conn = Arc::clone(&conn);
                 let span = debug_span!("request", http.method = %request.method());
                 async move { Ok::<_, Infallible>(pipeline.handle(request, conn).await) }.instrument(span)
             });
