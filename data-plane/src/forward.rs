@@ -379,7 +379,9 @@ async fn handshake_h1<I>(io: I) -> Result<H1Sender, SendError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, connection) = http1::Builder::new().handshake(io).await.map_err(SendError::Handshake)?;
+    // One flat write buffer, as on the server side: a request head (and a small body) go out in
+    // one write without building an iovec array per flush.
+    let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await.map_err(SendError::Handshake)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream connection ended with an error");

@@ -65,6 +65,9 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
+            // One flat write buffer: a response head and a small body go out in one write
+            // without building an iovec array per flush (bodies are copied into the buffer).
+            .writev(false)
             .max_buf_size(options.max_header_bytes.max(MIN_HEADER_BYTES))
             .header_read_timeout(options.header_read_timeout);
         builder
