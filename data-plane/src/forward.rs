@@ -738,22 +738,16 @@ const HOP_UPGRADE: u8 = 1 << 6;
 /// The bit of `name` if it is one of the hop-by-hop headers [`remove_hop_by_hop`] always
 /// handles (the ones `Connection` names can only be there with `Connection`), else 0.
 fn hop_by_hop_bit(name: &HeaderName) -> u8 {
-    if *name == header::CONNECTION {
-        HOP_CONNECTION
-    } else if *name == header::TE {
-        HOP_TE
-    } else if *name == header::TRAILER {
-        HOP_TRAILER
-    } else if *name == header::TRANSFER_ENCODING {
-        HOP_TRANSFER_ENCODING
-    } else if *name == header::UPGRADE {
-        HOP_UPGRADE
-    } else if *name == KEEP_ALIVE {
-        HOP_KEEP_ALIVE
-    } else if *name == PROXY_CONNECTION {
-        HOP_PROXY_CONNECTION
-    } else {
-        0
+    // One match on the (lowercase) name: cheaper than comparing against seven `HeaderName`s.
+    match name.as_str() {
+        "connection" => HOP_CONNECTION,
+        "keep-alive" => HOP_KEEP_ALIVE,
+        "proxy-connection" => HOP_PROXY_CONNECTION,
+        "te" => HOP_TE,
+        "trailer" => HOP_TRAILER,
+        "transfer-encoding" => HOP_TRANSFER_ENCODING,
+        "upgrade" => HOP_UPGRADE,
+        _ => 0,
     }
 }
 
@@ -890,16 +884,15 @@ fn push_forwarded_host(out: &mut SmallVec<[u8; 128]>, host: &str) {
         return;
     }
     out.push(b'"');
-    for part in host.split_inclusive(['"', '\\']) {
-        match part.as_bytes().split_last() {
-            Some((&last, rest)) if last == b'"' || last == b'\\' => {
-                out.extend_from_slice(rest);
-                out.push(b'\\');
-                out.push(last);
-            }
-            _ => out.extend_from_slice(part.as_bytes()),
-        }
+    // A port's `:` is the usual reason to quote; a `"` or `\` to escape hardly ever occurs.
+    let mut rest = host.as_bytes();
+    while let Some(i) = rest.iter().position(|&b| b == b'"' || b == b'\\') {
+        out.extend_from_slice(&rest[..i]);
+        out.push(b'\\');
+        out.push(rest[i]);
+        rest = &rest[i + 1..];
     }
+    out.extend_from_slice(rest);
     out.push(b'"');
 }
 
