@@ -762,7 +762,7 @@ pub struct Origin<'a> {
     pub peer_element: &'a str,
     pub peer_trusted: bool,
     /// The `X-Forwarded-For` to send (the trusted chain plus the peer, or just the peer).
-    pub xff: HeaderValue,
+    pub xff: &'a HeaderValue,
     pub tls: bool,
     /// The host the client asked for, port included.
     pub host: Option<&'a HeaderValue>,
@@ -1023,7 +1023,7 @@ mod tests {
             peer: "10.0.0.2".parse().unwrap(),
             peer_element: &forwarded_peer("10.0.0.2".parse().unwrap(), true),
             peer_trusted: trusted,
-            xff: HeaderValue::from_static("203.0.113.7, 10.0.0.2"),
+            xff: &HeaderValue::from_static("203.0.113.7, 10.0.0.2"),
             tls: true,
             host: Some(&host),
         };

@@ -489,7 +489,7 @@ impl Pipeline {
                 return self.deny(&ctx, stage, denial);
             }
         }
-        self.forward(ctx, body).await
+        self.forward(&mut ctx, body).await
     }
 
     fn route_metrics(&self, ctx: &RequestCtx) -> Arc<RouteMetrics> {
@@ -797,9 +797,11 @@ impl Pipeline {
 
     // -------------------------------------------------------------- forwarding
 
-    async fn forward(&self, ctx: RequestCtx, body: Incoming) -> Response<ResponseBody> {
+    /// Takes the context by reference: it stays in the caller's future, where the stages left
+    /// it, instead of being copied into this one (which hyper copies again on every request).
+    async fn forward(&self, ctx: &mut RequestCtx, body: Incoming) -> Response<ResponseBody> {
         let RequestCtx {
-            mut parts,
+            parts,
             conn,
             start,
             request_id,
@@ -813,15 +815,16 @@ impl Pipeline {
             body_limit,
             ..
         } = ctx;
-        let Some(route) = snapshot.as_ref().zip(route).and_then(|(s, i)| s.routes.get(i)) else {
+        let (client_ip, peer_trusted, start) = (*client_ip, *peer_trusted, *start);
+        let request_id = std::mem::replace(request_id, HeaderValue::from_static("-"));
+        let Some(route) = snapshot.as_ref().zip(*route).and_then(|(s, i)| s.routes.get(i)) else {
             // The stages guarantee a route; answer as if none matched rather than panic.
             self.metrics.unmatched().record_denied(Denial::NotFound.reason_code(), start.elapsed());
             return problem(&Denial::NotFound, request_id);
         };
-        let state = Arc::clone(
-            route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream, route.tls.as_ref())),
-        );
-        let metrics = Arc::clone(route.bindings.metrics.get_or_init(|| self.metrics.route(&route.route.name)));
+        let state: &UpstreamState =
+            route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream, route.tls.as_ref()));
+        let metrics: &RouteMetrics = route.bindings.metrics.get_or_init(|| self.metrics.route(&route.route.name));
 
         let upgrade = parts.version == Version::HTTP_11 && !route.upstream.http2 && forward::is_upgrade(&parts.headers);
         let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
@@ -846,13 +849,26 @@ impl Pipeline {
         forward::set_forwarding_headers(&mut parts.headers, &origin);
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
         let path_and_query = upstream_path
+            .take()
             .or_else(|| parts.uri.path_and_query().cloned())
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let method = parts.method;
-        let log_method = method.clone();
-        let out = Outgoing { method, path_and_query, headers: parts.headers, body: RequestBody::new(body, body_limit) };
+        let log_method = &parts.method;
         let deadline = tokio::time::Instant::now() + route.plan.timeout;
-        let result = self.forwarder.send(&route.upstream, &state, deadline, out).await;
+        // Built in the call (not bound to a local first), so that it has no slot of its own here.
+        let result = self
+            .forwarder
+            .send(
+                &route.upstream,
+                state,
+                deadline,
+                Outgoing {
+                    method: parts.method.clone(),
+                    path_and_query,
+                    headers: std::mem::take(&mut parts.headers),
+                    body: RequestBody::new(body, *body_limit),
+                },
+            )
+            .await;
         let elapsed = start.elapsed();
         let result = match result {
             Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() => {
