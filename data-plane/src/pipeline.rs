@@ -292,14 +292,6 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 
 // ------------------------------------------------------------------ helpers
 
-/// The host the request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.
-fn request_host(parts: &Parts) -> Option<&str> {
-    match parts.uri.authority() {
-        Some(a) => Some(a.as_str()),
-        None => parts.headers.get(HOST).and_then(|v| v.to_str().ok()),
-    }
-}
-
 /// `example.com:8080` → `example.com`, `[::1]:80` → `[::1]`.
 pub fn host_without_port(host: &str) -> &str {
     let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
@@ -554,17 +546,23 @@ impl Pipeline {
 
     fn match_route(&self, ctx: &mut RequestCtx) -> Verdict {
         let Some(snapshot) = ctx.snapshot.as_ref() else { return Verdict::Deny(Denial::NotReady) };
-        let raw_host = request_host(&ctx.parts);
+        // The host the request is for: the URI's authority (HTTP/2, absolute-form) or `Host`,
+        // looked up once for matching and for the `Host`/`X-Forwarded-Host` sent upstream.
+        let authority = ctx.parts.uri.authority();
+        let host_header = if authority.is_none() { ctx.parts.headers.get(HOST) } else { None };
+        let raw_host = match authority {
+            Some(a) => Some(a.as_str()),
+            None => host_header.and_then(|v| v.to_str().ok()),
+        };
         let host = raw_host.map_or("", host_without_port);
         let found = match snapshot.table.lookup(host, ctx.parts.method.as_str(), ctx.path()) {
             Lookup::Found(m) => m.route,
             Lookup::MethodNotAllowed { allowed } => return Verdict::Deny(Denial::MethodNotAllowed { allow: allowed }),
             Lookup::NotFound => return Verdict::Deny(Denial::NotFound),
         };
-        ctx.host = match (ctx.parts.uri.authority(), ctx.parts.headers.get(HOST)) {
-            (None, Some(h)) => Some(h.clone()),
-            (Some(a), _) => HeaderValue::from_str(a.as_str()).ok(),
-            (None, None) => None,
+        ctx.host = match authority {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => host_header.cloned(),
         };
         ctx.route = Some(found);
         Verdict::Continue
