@@ -379,7 +379,9 @@ async fn handshake_h1<I>(io: I) -> Result<H1Sender, SendError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, connection) = http1::Builder::new().handshake(io).await.map_err(SendError::Handshake)?;
+    // One flat write buffer, as on the server side: a request head (and a small body) go out in
+    // one write without building an iovec array per flush.
+    let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await.map_err(SendError::Handshake)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream connection ended with an error");
@@ -401,7 +403,9 @@ async fn send_h1(
     loop {
         let (mut sender, fresh) = match pool.take() {
             Some(sender) => (sender, false),
-            None => (connect_h1(endpoint, connect_timeout, tls).await?, true),
+            // Boxed: connecting (TCP, TLS handshake, HTTP/1.1 handshake) is rare and its future
+            // large; inline, every pooled request's future would carry and copy it.
+            None => (Box::pin(connect_h1(endpoint, connect_timeout, tls)).await?, true),
         };
         if let Err(e) = sender.ready().await {
             if fresh {
@@ -519,14 +523,15 @@ impl Forwarder {
                 let Ok(uri) = Uri::from_parts(parts) else { break };
                 uri
             };
-            let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
-            *request.method_mut() = method.clone();
-            *request.uri_mut() = uri;
-            *request.version_mut() = version;
-            *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
-
             let _in_flight = state.start(i);
-            let sending = async {
+            // The request and the attempt are built where they are awaited: a value bound to a
+            // local first keeps its own slot in this (larger) future, next to the copy in use.
+            let sent = tokio::time::timeout_at(deadline, async {
+                let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
+                *request.method_mut() = method.clone();
+                *request.uri_mut() = uri;
+                *request.version_mut() = version;
+                *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
                 if pooled {
                     send_h1(endpoint, upstream.connect_timeout, tls.map(|t| &**t), request).await
                 } else {
@@ -539,8 +544,9 @@ impl Forwarder {
                         Err(e) => Err(SendError::Legacy(e)),
                     }
                 }
-            };
-            let result = match tokio::time::timeout_at(deadline, sending).await {
+            })
+            .await;
+            let result = match sent {
                 Err(_) => {
                     debug!(upstream.name = %state.name, upstream.endpoint = %endpoint.authority, "upstream request timed out");
                     state.metrics.record_error(Reason::UpstreamTimeout);
@@ -678,11 +684,16 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, and `Upgrade` unless
 /// `keep_upgrade` (a protocol switch being forwarded, which keeps `Connection: upgrade`).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one scan of the few names is cheaper than six hashed removals.
-    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+    // One scan of the few names finds which are there: most messages carry none, and most
+    // upstream responses only `Connection: keep-alive`; a hashed removal per absent name costs
+    // more than the scan.
+    let present = headers.keys().fold(0, |found, name| found | hop_by_hop_bit(name));
+    if present == 0 && !keep_upgrade {
         return;
     }
-    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+    if present & HOP_CONNECTION != 0
+        && let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION)
+    {
         let (_, values) = entry.remove_entry_mult();
         let values: SmallVec<[HeaderValue; 2]> = values.collect();
         for token in values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
@@ -690,29 +701,54 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
                 continue;
             }
-            headers.remove(token);
+            // Tokens such as `keep-alive` or `close` usually name no header of the message:
+            // look among the names present instead of parsing and hashing the token.
+            let named = headers.keys().find(|name| name.as_str().eq_ignore_ascii_case(token)).cloned();
+            if let Some(name) = named {
+                headers.remove(name);
+            }
         }
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
-        headers.remove(name);
+    for (bit, name) in [
+        (HOP_KEEP_ALIVE, &KEEP_ALIVE),
+        (HOP_PROXY_CONNECTION, &PROXY_CONNECTION),
+        (HOP_TE, &header::TE),
+        (HOP_TRAILER, &header::TRAILER),
+        (HOP_TRANSFER_ENCODING, &header::TRANSFER_ENCODING),
+    ] {
+        if present & bit != 0 {
+            headers.remove(name);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
 
-/// Whether `name` is one of the hop-by-hop headers [`remove_hop_by_hop`] always handles (the
-/// ones `Connection` names can only be there with `Connection`).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
+const HOP_CONNECTION: u8 = 1;
+const HOP_KEEP_ALIVE: u8 = 1 << 1;
+const HOP_PROXY_CONNECTION: u8 = 1 << 2;
+const HOP_TE: u8 = 1 << 3;
+const HOP_TRAILER: u8 = 1 << 4;
+const HOP_TRANSFER_ENCODING: u8 = 1 << 5;
+const HOP_UPGRADE: u8 = 1 << 6;
+
+/// The bit of `name` if it is one of the hop-by-hop headers [`remove_hop_by_hop`] always
+/// handles (the ones `Connection` names can only be there with `Connection`), else 0.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    // One match on the (lowercase) name: cheaper than comparing against seven `HeaderName`s.
+    match name.as_str() {
+        "connection" => HOP_CONNECTION,
+        "keep-alive" => HOP_KEEP_ALIVE,
+        "proxy-connection" => HOP_PROXY_CONNECTION,
+        "te" => HOP_TE,
+        "trailer" => HOP_TRAILER,
+        "transfer-encoding" => HOP_TRANSFER_ENCODING,
+        "upgrade" => HOP_UPGRADE,
+        _ => 0,
+    }
 }
 
 /// What the proxy knows about where a request came from.
@@ -722,9 +758,11 @@ pub struct Origin<'a> {
     pub client: IpAddr,
     /// The socket peer.
     pub peer: IpAddr,
+    /// `for=<peer>;proto=<proto>` ([`forwarded_peer`]), built once per connection.
+    pub peer_element: &'a str,
     pub peer_trusted: bool,
     /// The `X-Forwarded-For` to send (the trusted chain plus the peer, or just the peer).
-    pub xff: HeaderValue,
+    pub xff: &'a HeaderValue,
     pub tls: bool,
     /// The host the client asked for, port included.
     pub host: Option<&'a HeaderValue>,
@@ -744,33 +782,82 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, origin: &Origin<'_>) {
         if !origin.peer_trusted || !headers.contains_key(&X_FORWARDED_HOST) {
             headers.insert(&X_FORWARDED_HOST, h.clone());
         }
-        headers.insert(header::HOST, h.clone());
-    }
-    let mut forwarded = String::with_capacity(64);
-    let existing: SmallVec<[HeaderValue; 1]> = match headers.entry(header::FORWARDED) {
-        header::Entry::Occupied(e) if origin.peer_trusted => e.remove_entry_mult().1.collect(),
-        header::Entry::Occupied(e) => {
-            e.remove();
-            SmallVec::new()
+        match headers.entry(header::HOST) {
+            // Usually the request's own `Host`: nothing to replace.
+            header::Entry::Occupied(e) if e.iter().eq([h]) => {}
+            header::Entry::Occupied(mut e) => {
+                e.insert(h.clone());
+            }
+            header::Entry::Vacant(e) => {
+                e.insert(h.clone());
+            }
         }
-        header::Entry::Vacant(_) => SmallVec::new(),
-    };
-    for v in existing.iter().filter_map(|v| v.to_str().ok()) {
-        forwarded.push_str(v);
-        forwarded.push_str(", ");
     }
-    // Appended to a trusted chain, the element names the peer (the node that connected to
-    // us, RFC 7239 §5.2); as the only element, the resolved client.
-    let for_ip = if existing.is_empty() { origin.client } else { origin.peer };
-    forwarded_element(&mut forwarded, for_ip, proto, host);
-    if let Ok(v) = HeaderValue::try_from(forwarded) {
-        headers.insert(header::FORWARDED, v);
+    match headers.entry(header::FORWARDED) {
+        header::Entry::Occupied(mut e) if origin.peer_trusted => {
+            let mut chain = String::with_capacity(128);
+            for v in e.iter().filter_map(|v| v.to_str().ok()) {
+                chain.push_str(v);
+                chain.push_str(", ");
+            }
+            // Appended to a trusted chain, the element names the peer (the node that connected
+            // to us, RFC 7239 §5.2).
+            chain.push_str(origin.peer_element);
+            forwarded_host(&mut chain, host);
+            match HeaderValue::try_from(chain) {
+                Ok(v) => {
+                    e.insert(v);
+                }
+                Err(_) => {
+                    e.remove();
+                }
+            }
+        }
+        entry => {
+            // As the only element, it names the resolved client.
+            let mut element = SmallVec::<[u8; 128]>::new();
+            if origin.client == origin.peer {
+                element.extend_from_slice(origin.peer_element.as_bytes());
+            } else {
+                let mut s = String::new();
+                forwarded_for(&mut s, origin.client, proto);
+                element.extend_from_slice(s.as_bytes());
+            }
+            if let Some(host) = host {
+                push_forwarded_host(&mut element, host);
+            }
+            match (entry, HeaderValue::from_bytes(&element)) {
+                (header::Entry::Occupied(mut e), Ok(v)) => {
+                    e.insert(v);
+                }
+                (header::Entry::Occupied(e), Err(_)) => {
+                    e.remove();
+                }
+                (header::Entry::Vacant(e), Ok(v)) => {
+                    e.insert(v);
+                }
+                (header::Entry::Vacant(_), Err(_)) => {}
+            }
+        }
     }
+}
+
+/// `for=<peer>;proto=<proto>` for a connection from `peer`: the start of the `Forwarded`
+/// element of each of its requests, formatted once per connection.
+pub fn forwarded_peer(peer: IpAddr, tls: bool) -> String {
+    let mut out = String::with_capacity(64);
+    forwarded_for(&mut out, peer, if tls { "https" } else { "http" });
+    out
 }
 
 /// Appends one RFC 7239 element: `for=…;proto=…;host=…`, IPv6 quoted and bracketed, a host
 /// that is not a token (a port's `:`) quoted.
 pub fn forwarded_element(out: &mut String, for_ip: IpAddr, proto: &str, host: Option<&str>) {
+    forwarded_for(out, for_ip, proto);
+    forwarded_host(out, host);
+}
+
+fn forwarded_for(out: &mut String, for_ip: IpAddr, proto: &str) {
     use std::fmt::Write as _;
     out.push_str("for=");
     let _ = match for_ip {
@@ -779,25 +866,38 @@ pub fn forwarded_element(out: &mut String, for_ip: IpAddr, proto: &str, host: Op
     };
     out.push_str(";proto=");
     out.push_str(proto);
-    if let Some(host) = host {
-        out.push_str(";host=");
-        if !host.is_empty() && host.bytes().all(is_tchar) {
-            out.push_str(host);
-        } else {
-            out.push('"');
-            for c in host.chars() {
-                if c == '"' || c == '\\' {
-                    out.push('\\');
-                }
-                out.push(c);
-            }
-            out.push('"');
-        }
+}
+
+fn forwarded_host(out: &mut String, host: Option<&str>) {
+    let Some(host) = host else { return };
+    let mut bytes = SmallVec::<[u8; 128]>::new();
+    push_forwarded_host(&mut bytes, host);
+    // Only ASCII went in (a host is a visible-ASCII header value).
+    out.push_str(std::str::from_utf8(&bytes).unwrap_or_default());
+}
+
+/// `;host=<host>`, quoted (with `"` and `\` escaped) unless the host is a token.
+fn push_forwarded_host(out: &mut SmallVec<[u8; 128]>, host: &str) {
+    out.extend_from_slice(b";host=");
+    if !host.is_empty() && host.bytes().all(is_tchar) {
+        out.extend_from_slice(host.as_bytes());
+        return;
     }
+    out.push(b'"');
+    // A port's `:` is the usual reason to quote; a `"` or `\` to escape hardly ever occurs.
+    let mut rest = host.as_bytes();
+    while let Some(i) = rest.iter().position(|&b| b == b'"' || b == b'\\') {
+        out.extend_from_slice(&rest[..i]);
+        out.push(b'\\');
+        out.push(rest[i]);
+        rest = &rest[i + 1..];
+    }
+    out.extend_from_slice(rest);
+    out.push(b'"');
 }
 
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
 }
 
 // ------------------------------------------------------------------ upgrades
@@ -870,6 +970,9 @@ mod tests {
             check_hop(&[(hop, "x"), ("x-kept", "3")], false, &["x-kept: 3"]);
         }
         check_hop(&[("connection", " , ,")], false, &[]);
+        // an upstream's usual answer: only `Connection: keep-alive`
+        check_hop(&[("connection", "keep-alive"), ("content-length", "3")], false, &["content-length: 3"]);
+        check_hop(&[("connection", "close, X-Kept-Not")], false, &[]);
     }
 
     #[test]
@@ -907,6 +1010,9 @@ mod tests {
         );
         check_forwarded("192.0.2.60", "http", Some("[::1]:80"), r#"for=192.0.2.60;proto=http;host="[::1]:80""#);
         check_forwarded("192.0.2.60", "http", None, "for=192.0.2.60;proto=http");
+        check_forwarded("192.0.2.60", "http", Some(r#"a"b\c"#), r#"for=192.0.2.60;proto=http;host="a\"b\\c""#);
+        check_forwarded("192.0.2.60", "http", Some(""), r#"for=192.0.2.60;proto=http;host="""#);
+        assert_eq!(forwarded_peer("2001:db8::1".parse().unwrap(), true), r#"for="[2001:db8::1]";proto=https"#);
     }
 
     fn check_origin(trusted: bool, incoming: &[(&str, &str)], expected: &[&str]) {
@@ -915,8 +1021,9 @@ mod tests {
         let origin = Origin {
             client: "203.0.113.7".parse().unwrap(),
             peer: "10.0.0.2".parse().unwrap(),
+            peer_element: &forwarded_peer("10.0.0.2".parse().unwrap(), true),
             peer_trusted: trusted,
-            xff: HeaderValue::from_static("203.0.113.7, 10.0.0.2"),
+            xff: &HeaderValue::from_static("203.0.113.7, 10.0.0.2"),
             tls: true,
             host: Some(&host),
         };

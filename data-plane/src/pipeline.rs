@@ -153,6 +153,8 @@ pub struct ConnInfo {
     pub peer: IpAddr,
     /// `peer` as a header value, for `X-Forwarded-For` from an untrusted peer.
     peer_header: HeaderValue,
+    /// `for=<peer>;proto=<proto>`, the start of the `Forwarded` element naming the peer.
+    peer_element: Box<str>,
     pub tls: bool,
 }
 
@@ -161,7 +163,8 @@ impl ConnInfo {
         let peer = peer.ip().to_canonical();
         let peer_header =
             HeaderValue::try_from(peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ConnInfo { peer, peer_header, tls }
+        let peer_element = forward::forwarded_peer(peer, tls).into_boxed_str();
+        ConnInfo { peer, peer_header, peer_element, tls }
     }
 }
 
@@ -290,14 +293,6 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 
 // ------------------------------------------------------------------ helpers
 
-/// The host the request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.
-fn request_host(parts: &Parts) -> Option<&str> {
-    match parts.uri.authority() {
-        Some(a) => Some(a.as_str()),
-        None => parts.headers.get(HOST).and_then(|v| v.to_str().ok()),
-    }
-}
-
 /// `example.com:8080` → `example.com`, `[::1]:80` → `[::1]`.
 pub fn host_without_port(host: &str) -> &str {
     let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
@@ -361,7 +356,7 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct RequestCtx {
     parts: Parts,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     start: Instant,
     request_id: HeaderValue,
     snapshot: Option<Arc<Snapshot>>,
@@ -381,7 +376,7 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(parts: Parts, conn: ConnInfo) -> RequestCtx {
+    fn new(parts: Parts, conn: Arc<ConnInfo>) -> RequestCtx {
         RequestCtx {
             client_ip: conn.peer,
             xff: conn.peer_header.clone(),
@@ -475,7 +470,7 @@ impl Pipeline {
     }
 
     /// Runs one request through the stages and forwards it.
-    pub async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+    pub async fn handle(&self, request: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<ResponseBody> {
         let (parts, body) = request.into_parts();
         let mut ctx = RequestCtx::new(parts, conn);
         for (stage, run) in STAGES {
@@ -487,7 +482,7 @@ impl Pipeline {
                 return self.deny(&ctx, stage, denial);
             }
         }
-        self.forward(ctx, body).await
+        self.forward(&mut ctx, body).await
     }
 
     fn route_metrics(&self, ctx: &RequestCtx) -> Arc<RouteMetrics> {
@@ -552,17 +547,23 @@ impl Pipeline {
 
     fn match_route(&self, ctx: &mut RequestCtx) -> Verdict {
         let Some(snapshot) = ctx.snapshot.as_ref() else { return Verdict::Deny(Denial::NotReady) };
-        let raw_host = request_host(&ctx.parts);
+        // The host the request is for: the URI's authority (HTTP/2, absolute-form) or `Host`,
+        // looked up once for matching and for the `Host`/`X-Forwarded-Host` sent upstream.
+        let authority = ctx.parts.uri.authority();
+        let host_header = if authority.is_none() { ctx.parts.headers.get(HOST) } else { None };
+        let raw_host = match authority {
+            Some(a) => Some(a.as_str()),
+            None => host_header.and_then(|v| v.to_str().ok()),
+        };
         let host = raw_host.map_or("", host_without_port);
         let found = match snapshot.table.lookup(host, ctx.parts.method.as_str(), ctx.path()) {
             Lookup::Found(m) => m.route,
             Lookup::MethodNotAllowed { allowed } => return Verdict::Deny(Denial::MethodNotAllowed { allow: allowed }),
             Lookup::NotFound => return Verdict::Deny(Denial::NotFound),
         };
-        ctx.host = match (ctx.parts.uri.authority(), ctx.parts.headers.get(HOST)) {
-            (None, Some(h)) => Some(h.clone()),
-            (Some(a), _) => HeaderValue::from_str(a.as_str()).ok(),
-            (None, None) => None,
+        ctx.host = match authority {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => host_header.cloned(),
         };
         ctx.route = Some(found);
         Verdict::Continue
@@ -795,9 +796,11 @@ impl Pipeline {
 
     // -------------------------------------------------------------- forwarding
 
-    async fn forward(&self, ctx: RequestCtx, body: Incoming) -> Response<ResponseBody> {
+    /// Takes the context by reference: it stays in the caller's future, where the stages left
+    /// it, instead of being copied into this one (which hyper copies again on every request).
+    async fn forward(&self, ctx: &mut RequestCtx, body: Incoming) -> Response<ResponseBody> {
         let RequestCtx {
-            mut parts,
+            parts,
             conn,
             start,
             request_id,
@@ -811,15 +814,16 @@ impl Pipeline {
             body_limit,
             ..
         } = ctx;
-        let Some(route) = snapshot.as_ref().zip(route).and_then(|(s, i)| s.routes.get(i)) else {
+        let (client_ip, peer_trusted, start) = (*client_ip, *peer_trusted, *start);
+        let request_id = std::mem::replace(request_id, HeaderValue::from_static("-"));
+        let Some(route) = snapshot.as_ref().zip(*route).and_then(|(s, i)| s.routes.get(i)) else {
             // The stages guarantee a route; answer as if none matched rather than panic.
             self.metrics.unmatched().record_denied(Denial::NotFound.reason_code(), start.elapsed());
             return problem(&Denial::NotFound, request_id);
         };
-        let state = Arc::clone(
-            route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream, route.tls.as_ref())),
-        );
-        let metrics = Arc::clone(route.bindings.metrics.get_or_init(|| self.metrics.route(&route.route.name)));
+        let state: &UpstreamState =
+            route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream, route.tls.as_ref()));
+        let metrics: &RouteMetrics = route.bindings.metrics.get_or_init(|| self.metrics.route(&route.route.name));
 
         let upgrade = parts.version == Version::HTTP_11 && !route.upstream.http2 && forward::is_upgrade(&parts.headers);
         let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
@@ -832,18 +836,38 @@ impl Pipeline {
         if te_trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
-        let origin =
-            Origin { client: client_ip, peer: conn.peer, peer_trusted, xff, tls: conn.tls, host: host.as_ref() };
+        let origin = Origin {
+            client: client_ip,
+            peer: conn.peer,
+            peer_element: &conn.peer_element,
+            peer_trusted,
+            xff,
+            tls: conn.tls,
+            host: host.as_ref(),
+        };
         forward::set_forwarding_headers(&mut parts.headers, &origin);
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
         let path_and_query = upstream_path
+            .take()
             .or_else(|| parts.uri.path_and_query().cloned())
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let method = parts.method;
-        let log_method = method.clone();
-        let out = Outgoing { method, path_and_query, headers: parts.headers, body: RequestBody::new(body, body_limit) };
+        let log_method = &parts.method;
         let deadline = tokio::time::Instant::now() + route.plan.timeout;
-        let result = self.forwarder.send(&route.upstream, &state, deadline, out).await;
+        // Built in the call (not bound to a local first), so that it has no slot of its own here.
+        let result = self
+            .forwarder
+            .send(
+                &route.upstream,
+                state,
+                deadline,
+                Outgoing {
+                    method: parts.method.clone(),
+                    path_and_query,
+                    headers: std::mem::take(&mut parts.headers),
+                    body: RequestBody::new(body, *body_limit),
+                },
+            )
+            .await;
         let elapsed = start.elapsed();
         let result = match result {
             Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() => {

@@ -65,6 +65,9 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
+            // One flat write buffer: a response head and a small body go out in one write
+            // without building an iovec array per flush (bodies are copied into the buffer).
+            .writev(false)
             .max_buf_size(options.max_header_bytes.max(MIN_HEADER_BYTES))
             .header_read_timeout(options.header_read_timeout);
         builder
@@ -92,11 +95,12 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let conn = ConnInfo::new(peer, self.tls.is_some());
+            // Shared by the connection's requests: one reference count per request, not a copy.
+            let conn = Arc::new(ConnInfo::new(peer, self.tls.is_some()));
             let pipeline = Arc::clone(&self.pipeline);
             let service = service_fn(move |request: Request<Incoming>| {
                 let pipeline = Arc::clone(&pipeline);
-                let conn = conn.clone();
+                let conn = Arc::clone(&conn);
                 let span = debug_span!("request", http.method = %request.method());
                 async move { Ok::<_, Infallible>(pipeline.handle(request, conn).await) }.instrument(span)
             });
