@@ -99,19 +99,17 @@ pub struct IntrospectorError {
 }
 
 impl Introspector {
-    /// Reads the client secret file (on this proxy) and prepares the endpoint and credentials.
+    /// Prepares the endpoint and credentials; `secret` is the content of the issuer's
+    /// `client_secret_file`, which the snapshot compiler reads (`None`: a public client).
     pub fn compile(
         issuer: &model::Issuer,
         config: &model::Introspection,
+        secret: Option<String>,
         verifier: Arc<Verifier>,
     ) -> Result<Introspector, IntrospectorError> {
         let fail = |field, message| IntrospectorError { field, message };
         let endpoint: Uri =
             config.endpoint.parse().map_err(|e| fail("introspection.endpoint", format!("not a valid URL: {e}")))?;
-        let secret = match &config.client_secret_file {
-            None => None,
-            Some(path) => Some(read_secret(path).map_err(|m| fail("introspection.client_secret_file", m))?),
-        };
         let authorization = match &secret {
             None => None,
             Some(secret) => {
@@ -149,16 +147,6 @@ impl Introspector {
     fn key(&self, token: &str) -> [u8; 32] {
         Sha256::new().chain_update(self.namespace).chain_update(token.as_bytes()).finalize().into()
     }
-}
-
-/// Reads a secret file: its content without trailing line breaks, which must not be empty.
-pub fn read_secret(path: &str) -> Result<String, String> {
-    let raw = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let secret = raw.trim_end_matches(['\r', '\n']);
-    if secret.is_empty() {
-        return Err(format!("{path} is empty"));
-    }
-    Ok(secret.to_owned())
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value (unreserved characters kept).

@@ -554,7 +554,7 @@ fn compile_verifiers(
             _ => Vec::new(),
         };
         if let model::KeySourceKind::SharedSecretFile(path) = &issuer.keys.kind {
-            let set = crate::introspect::read_secret(path)
+            let set = read_secret(path)
                 .and_then(|secret| KeySet::from_secret(issuer, secret.as_bytes()).map_err(|e| e.problem));
             match set {
                 Ok(set) => {
@@ -592,6 +592,17 @@ fn compile_verifiers(
     out
 }
 
+/// Reads a secret file on this proxy (`shared_secret_file`, `client_secret_file`): its content
+/// without trailing line breaks, which must not be empty. The only place secret files are read.
+fn read_secret(path: &str) -> Result<String, String> {
+    let raw = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let secret = raw.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err(format!("{path} is empty"));
+    }
+    Ok(secret.to_owned())
+}
+
 /// One introspector per issuer with an introspection endpoint (client secrets read here).
 fn compile_introspectors(
     issuers: &HashMap<String, Arc<model::Issuer>>,
@@ -601,7 +612,19 @@ fn compile_introspectors(
     let mut out = HashMap::new();
     for (name, issuer) in issuers {
         let (Some(config), Some(verifier)) = (&issuer.introspection, verifiers.get(name)) else { continue };
-        match Introspector::compile(issuer, config, Arc::clone(verifier)) {
+        let secret = match config.client_secret_file.as_deref().map(read_secret).transpose() {
+            Ok(secret) => secret,
+            Err(message) => {
+                violations.push(Violation {
+                    kind: Kind::Issuer,
+                    name: name.clone(),
+                    field: "introspection.client_secret_file".into(),
+                    message,
+                });
+                continue;
+            }
+        };
+        match Introspector::compile(issuer, config, secret, Arc::clone(verifier)) {
             Ok(i) => {
                 out.insert(name.clone(), Arc::new(i));
             }
