@@ -209,7 +209,11 @@ fn route(name: &str, policy: &str) -> pb::Resource {
 const HMAC_SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
 
 fn hmac_issuer() -> pb::Resource {
-    let path = std::env::temp_dir().join(format!("portcullis-proxy-auth-hmac-{}", std::process::id()));
+    // One file per call: tests run on threads of one process, and a rewrite in progress
+    // (truncated, not yet written) must never be what another test's proxy reads.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("portcullis-proxy-auth-hmac-{}-{n}", std::process::id()));
     std::fs::write(&path, format!("{HMAC_SECRET}\n")).unwrap();
     resource(pb::resource::Kind::Issuer(pb::Issuer {
         name: "hmac-idp".into(),
