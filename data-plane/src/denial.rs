@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use portcullis_shared::claims::ClaimDenial;
 use portcullis_shared::jwt::JwtError;
@@ -68,10 +68,11 @@ pub enum Reason {
     UpstreamConnectTimeout,
     UpstreamTimeout,
     NotReady,
+    RequestInvalid,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 46] = [
+    pub const ALL: [Reason; 47] = [
         Reason::PathNotAbsolute,
         Reason::PathTooLong,
         Reason::PathEncodedSlash,
@@ -118,6 +119,7 @@ impl Reason {
         Reason::UpstreamConnectTimeout,
         Reason::UpstreamTimeout,
         Reason::NotReady,
+        Reason::RequestInvalid,
     ];
 
     /// The stable name, shared by metrics labels, logs and audit events.
@@ -169,6 +171,7 @@ impl Reason {
             Reason::UpstreamConnectTimeout => "upstream_connect_timeout",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::NotReady => "not_ready",
+            Reason::RequestInvalid => "request_invalid",
         }
     }
 
@@ -185,7 +188,8 @@ impl Reason {
             | Reason::PathInvalidEncoding
             | Reason::PathInvalidUtf8
             | Reason::PathTraversal
-            | Reason::PathInvalidCharacter => StatusCode::BAD_REQUEST,
+            | Reason::PathInvalidCharacter
+            | Reason::RequestInvalid => StatusCode::BAD_REQUEST,
             Reason::RouteNotFound => StatusCode::NOT_FOUND,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::TokenMissing
@@ -287,6 +291,7 @@ impl Reason {
             Reason::UpstreamUnavailable => "the upstream service is unavailable",
             Reason::UpstreamConnectTimeout | Reason::UpstreamTimeout => "the upstream service did not answer in time",
             Reason::NotReady => "the proxy has no configuration yet",
+            Reason::RequestInvalid => "the request is not valid HTTP/1.1",
             Reason::IntrospectionUnavailable => "the access token cannot be checked right now",
         }
     }
@@ -368,6 +373,9 @@ pub enum Timeout {
 pub enum Denial {
     /// The path failed normalization.
     BadRequest(PathError),
+    /// The request head or body framing is not valid HTTP/1.1 (what is wrong goes to the log,
+    /// never to the client).
+    InvalidRequest(&'static str),
     NotFound,
     MethodNotAllowed {
         allow: MethodSet,
@@ -406,6 +414,7 @@ impl Denial {
     pub fn reason_code(&self) -> Reason {
         match self {
             Denial::BadRequest(e) => Reason::of_path(e),
+            Denial::InvalidRequest(_) => Reason::RequestInvalid,
             Denial::NotFound => Reason::RouteNotFound,
             Denial::MethodNotAllowed { .. } => Reason::MethodNotAllowed,
             Denial::Unauthorized(failure) => failure.reason(),
@@ -441,6 +450,16 @@ impl Denial {
     /// The one mapping from a denial to what the client sees. `request_id` is the validated or
     /// generated id of the request (visible ASCII, so it never breaks the JSON or a header).
     pub fn to_response(&self, request_id: Option<&HeaderValue>) -> Response<Full<Bytes>> {
+        let (status, headers, body) = self.problem(request_id);
+        let mut response = Response::new(Full::new(body));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// The parts of [`Denial::to_response`]: status, headers (no framing fields) and the
+    /// problem document, for writers that are not hyper (the HTTP/1 engine).
+    pub fn problem(&self, request_id: Option<&HeaderValue>) -> (StatusCode, HeaderMap, Bytes) {
         let status = self.status();
         let reason = self.reason_code();
         let title = status.canonical_reason().unwrap_or("Error");
@@ -460,9 +479,7 @@ impl Denial {
         }
         body.push('}');
 
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
+        let mut headers = HeaderMap::with_capacity(4);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
@@ -490,7 +507,7 @@ impl Denial {
             }
             _ => {}
         }
-        response
+        (status, headers, Bytes::from(body))
     }
 }
 
@@ -588,6 +605,7 @@ mod tests {
         check(Denial::Forbidden(Forbidden::IpNotAllowed), 403, "ip_not_allowed", None);
         check(Denial::PayloadTooLarge, 413, "body_too_large", None);
         check(Denial::HeadersTooLarge, 431, "headers_too_large", None);
+        check(Denial::InvalidRequest("both Transfer-Encoding and Content-Length"), 400, "request_invalid", None);
         check(Denial::BadGateway(BadGateway::ConnectFailed), 502, "upstream_connect_failed", None);
         check(Denial::BadGateway(BadGateway::Reset), 502, "upstream_reset", None);
         check(Denial::BadGateway(BadGateway::TlsFailed), 502, "upstream_tls_failed", None);

@@ -1,18 +1,17 @@
-//! Forwarding to upstreams: HTTP/1.1 requests go over a small per-endpoint stack of idle
-//! connections ([`IdlePool`], kept in the endpoint state); HTTP/2 upstreams (prior knowledge, or
-//! ALPN `h2` over TLS) and protocol switches use hyper-util's pooled client, built once and kept
-//! across config versions (idle HTTP/1.1 connections are bounded per endpoint and closed after
-//! 90 s unused); the attempt loop (endpoint choice, passive health, retries, deadlines); the
-//! request body limit; hop-by-hop header removal; the `X-Forwarded-*`/`Forwarded` headers; and
-//! the byte tunnel of an accepted `Upgrade`.
+//! Forwarding through hyper's clients, for what the proxy's own HTTP/1.1 engine
+//! ([`crate::http1`]) does not carry: requests of HTTP/2 clients, requests to HTTP/2 upstreams
+//! (prior knowledge, or ALPN `h2` over TLS) and protocol switches of HTTP/2-served routes. The
+//! clients (hyper-util's pooled legacy client; idle connections closed after 90 s unused) are
+//! built once and kept across config versions. Also here, shared with the HTTP/1 engine: the
+//! attempt bookkeeping ([`attempt_failed`]: error metric, passive health, logs), the request
+//! body limit, hop-by-hop header removal, the `X-Forwarded-*`/`Forwarded` headers, and the byte
+//! tunnel of an upgrade accepted over hyper.
 //!
 //! Upstream TLS: an upstream with `tls` enabled connects with rustls using the [`TlsSettings`]
-//! compiled with the snapshot (no file is read here). Its HTTP/1.1 connections go through the
-//! same per-endpoint pool (so TLS connections are reused, one handshake per connection); its
-//! HTTP/2 and protocol-switch requests through a client of its own whose connector carries the
-//! settings ([`TlsClients`], in the upstream state). The connect timeout covers the TCP connect
-//! and the handshake. A failed handshake or certificate check is 502 `upstream_tls_failed`, with
-//! the reason in a warning log line. Plain upstreams take exactly the path they took before.
+//! compiled with the snapshot (no file is read here), through clients of its own whose
+//! connector carries the settings ([`TlsClients`], in the upstream state). The connect timeout
+//! covers the TCP connect and the handshake. A failed handshake or certificate check is 502
+//! `upstream_tls_failed`, with the reason in a warning log line.
 //!
 //! Retries happen only when nothing reached the upstream: an idempotent method (GET, HEAD,
 //! OPTIONS, PUT, DELETE), no request body, a *connect* (or TLS handshake) failure, and another
@@ -23,13 +22,12 @@
 //! leak an upstream error to the client (errors become a [`Denial`]; the detail goes to the log),
 //! or connect to a TLS upstream without verifying its certificate.
 
-use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -38,7 +36,6 @@ use http::header::{self, HeaderName};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -50,7 +47,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::denial::{self, Denial, Reason};
-use crate::upstream::{ConnectTimeouts, Endpoint, TlsSettings, UpstreamState};
+use crate::upstream::{ConnectTimeouts, TlsSettings, UpstreamState};
 
 /// At most this many retries after the first attempt.
 pub const MAX_RETRIES: usize = 2;
@@ -64,20 +61,43 @@ pub enum BodyError {
     TooLarge { limit: u64 },
     #[error("reading the request body: {0}")]
     Client(#[source] hyper::Error),
+    #[error("the client stopped sending the request body")]
+    ClientAborted,
+}
+
+/// A piece of a request body read by the HTTP/1 engine ([`crate::http1`]) and handed to a
+/// hyper client. The body is complete only once `End` arrives: a channel closed without it is a
+/// client that went away, never a shorter body.
+#[derive(Debug)]
+pub enum Piece {
+    Data(Bytes),
+    End,
+}
+
+#[derive(Debug)]
+enum Source {
+    Incoming(Incoming),
+    Pieces(tokio::sync::mpsc::Receiver<Piece>),
 }
 
 /// The client's request body on its way upstream, streamed, with a byte limit: the frame that
 /// crosses it ends the body with [`BodyError::TooLarge`].
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<Source>,
     limit: u64,
     seen: u64,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> RequestBody {
-        RequestBody { inner: Some(inner), limit, seen: 0 }
+        RequestBody { inner: Some(Source::Incoming(inner)), limit, seen: 0 }
+    }
+
+    /// A body whose pieces come through a channel (an HTTP/1 client's body for an HTTP/2
+    /// upstream).
+    pub fn pieces(rx: tokio::sync::mpsc::Receiver<Piece>, limit: u64) -> RequestBody {
+        RequestBody { inner: Some(Source::Pieces(rx)), limit, seen: 0 }
     }
 
     /// No body (used for retries, which only happen for requests without one).
@@ -92,8 +112,20 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
+        let frame = match this.inner.as_mut() {
+            None => return Poll::Ready(None),
+            Some(Source::Incoming(inner)) => match ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => Some(Ok(frame)),
+                Some(Err(e)) => Some(Err(BodyError::Client(e))),
+                None => None,
+            },
+            Some(Source::Pieces(rx)) => match ready!(rx.poll_recv(cx)) {
+                Some(Piece::Data(data)) => Some(Ok(Frame::data(data))),
+                Some(Piece::End) => None,
+                None => Some(Err(BodyError::ClientAborted)),
+            },
+        };
+        match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);
@@ -106,7 +138,7 @@ impl Body for RequestBody {
             }
             Some(Err(e)) => {
                 this.inner = None;
-                Poll::Ready(Some(Err(BodyError::Client(e))))
+                Poll::Ready(Some(Err(e)))
             }
             None => {
                 this.inner = None;
@@ -116,11 +148,19 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match &self.inner {
+            None => true,
+            Some(Source::Incoming(inner)) => inner.is_end_stream(),
+            Some(Source::Pieces(_)) => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match &self.inner {
+            None => SizeHint::with_exact(0),
+            Some(Source::Incoming(inner)) => inner.size_hint(),
+            Some(Source::Pieces(_)) => SizeHint::default(),
+        }
     }
 }
 
@@ -231,200 +271,9 @@ pub struct TlsClients {
     h2: Client<UpstreamTlsConnector, RequestBody>,
 }
 
-// ------------------------------------------------------------------ HTTP/1.1 pool
-
-/// At most this many idle HTTP/1.1 connections are kept per endpoint.
-const MAX_IDLE_PER_ENDPOINT: usize = 1024;
-/// An idle HTTP/1.1 connection unused this long is closed (when the pool is next touched).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-type H1Sender = http1::SendRequest<RequestBody>;
-
-/// Idle HTTP/1.1 connections to one endpoint with when they went idle, most recently used at
-/// the back (taken first), the oldest at the front (closed once idle too long). The lock is held
-/// only to push or pop; each connection is driven by its own task.
-#[derive(Default)]
-pub struct IdlePool {
-    idle: Mutex<VecDeque<(H1Sender, std::time::Instant)>>,
-}
-
-impl fmt::Debug for IdlePool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdlePool").finish_non_exhaustive()
-    }
-}
-
-impl IdlePool {
-    fn take(&self) -> Option<H1Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some((sender, _)) = idle.pop_back() {
-            if !sender.is_closed() {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    fn put(&self, sender: H1Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let now = std::time::Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while idle.front().is_some_and(|(s, since)| s.is_closed() || now.duration_since(*since) >= IDLE_TIMEOUT) {
-            idle.pop_front();
-        }
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push_back((sender, now));
-        }
-    }
-}
-
-/// An upstream response body; a pooled HTTP/1.1 connection goes back to its pool once the body
-/// has been read to its end (a body dropped early closes the connection).
-pub struct UpstreamBody {
-    inner: Incoming,
-    give_back: Option<(H1Sender, Arc<IdlePool>)>,
-}
-
-impl fmt::Debug for UpstreamBody {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamBody").field("inner", &self.inner).finish_non_exhaustive()
-    }
-}
-
-impl UpstreamBody {
-    fn give_back(&mut self) {
-        if let Some((sender, pool)) = self.give_back.take() {
-            pool.put(sender);
-        }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if self.give_back.is_some() && self.inner.is_end_stream() {
-            self.give_back();
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            None => this.give_back(),
-            Some(Ok(_)) if this.inner.is_end_stream() => this.give_back(),
-            Some(Ok(_)) => {}
-            Some(Err(_)) => this.give_back = None,
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Why a request sent through the HTTP/1.1 pool or the legacy client failed.
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    #[error(transparent)]
-    Connect(ConnectError),
-    #[error("upstream handshake: {0}")]
-    Handshake(#[source] hyper::Error),
-    #[error("upstream request: {0}")]
-    Request(#[source] hyper::Error),
-    #[error(transparent)]
-    Legacy(hyper_util::client::legacy::Error),
-}
-
-/// A new HTTP/1.1 connection to `endpoint`, over TLS when `tls` is set, its task spawned. The
-/// timeout covers the TCP connect and the TLS handshake.
-async fn connect_h1(endpoint: &Endpoint, timeout: Duration, tls: Option<&TlsSettings>) -> Result<H1Sender, SendError> {
-    let authority = &endpoint.authority;
-    let host = authority.host();
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    let default_port = if tls.is_some() { 443 } else { 80 };
-    let port = authority.port_u16().unwrap_or(default_port);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect((host, port))).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(SendError::Connect(ConnectError::Failed(e.into()))),
-        Err(_) => return Err(SendError::Connect(ConnectError::TimedOut(timeout))),
-    };
-    let _ = stream.set_nodelay(true);
-    let Some(tls) = tls else { return handshake_h1(TokioIo::new(stream)).await };
-    let Some(name) = endpoint.server_name.clone() else {
-        return Err(SendError::Connect(ConnectError::ServerName(authority.to_string())));
-    };
-    let stream = match tokio::time::timeout_at(deadline, tls.connector.connect(name, stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(SendError::Connect(ConnectError::Tls(e))),
-        Err(_) => return Err(SendError::Connect(ConnectError::TimedOut(timeout))),
-    };
-    handshake_h1(TokioIo::new(stream)).await
-}
-
-/// The HTTP/1.1 handshake on a new connection; its task is spawned.
-async fn handshake_h1<I>(io: I) -> Result<H1Sender, SendError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    // One flat write buffer, as on the server side: a request head (and a small body) go out in
-    // one write without building an iovec array per flush.
-    let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await.map_err(SendError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
-}
-
-/// Sends `request` on an idle connection to the endpoint, or a new one. A request an idle
-/// connection could not take (it was closing) goes on another one; it never reached the
-/// upstream.
-async fn send_h1(
-    endpoint: &Endpoint,
-    connect_timeout: Duration,
-    tls: Option<&TlsSettings>,
-    mut request: Request<RequestBody>,
-) -> Result<Response<UpstreamBody>, SendError> {
-    let pool = &endpoint.idle;
-    loop {
-        let (mut sender, fresh) = match pool.take() {
-            Some(sender) => (sender, false),
-            // Boxed: connecting (TCP, TLS handshake, HTTP/1.1 handshake) is rare and its future
-            // large; inline, every pooled request's future would carry and copy it.
-            None => (Box::pin(connect_h1(endpoint, connect_timeout, tls)).await?, true),
-        };
-        if let Err(e) = sender.ready().await {
-            if fresh {
-                return Err(SendError::Request(e));
-            }
-            continue;
-        }
-        match sender.try_send_request(request).await {
-            Ok(response) => {
-                let pool = Arc::clone(pool);
-                return Ok(response.map(|inner| UpstreamBody { inner, give_back: Some((sender, pool)) }));
-            }
-            Err(mut e) => match e.take_message() {
-                Some(again) if !fresh => request = again,
-                _ => return Err(SendError::Request(e.into_error())),
-            },
-        }
-    }
-}
+/// An upstream response body as hyper delivers it (HTTP/2 upstreams and protocol switches;
+/// HTTP/1.1 upstreams of HTTP/1 clients go through [`crate::http1`]).
+pub type UpstreamBody = Incoming;
 
 // ------------------------------------------------------------------ client
 
@@ -494,17 +343,13 @@ impl Forwarder {
     ) -> Result<Response<UpstreamBody>, Denial> {
         let Outgoing { method, path_and_query, mut headers, body } = out;
         let retryable = is_idempotent(&method) && body.is_end_stream() && state.endpoints.len() > 1;
-        // Protocol switches go through the legacy client, which hands over the upgraded I/O.
-        let pooled = !upstream.http2 && !headers.contains_key(header::UPGRADE);
-        let (client, version) = if upstream.http2 { (&self.h2, Version::HTTP_2) } else { (&self.h1, Version::HTTP_11) };
         let tls = state.tls.as_ref();
-        let tls_client = match tls {
-            Some(tls) if !pooled => {
-                let clients = state.tls_clients.get_or_init(|| self.tls_clients(tls));
-                Some(if upstream.http2 { &clients.h2 } else { &clients.h1 })
-            }
-            _ => None,
-        };
+        let plain = if upstream.http2 { &self.h2 } else { &self.h1 };
+        let tls_client = tls.map(|tls| {
+            let clients = state.tls_clients.get_or_init(|| self.tls_clients(tls));
+            if upstream.http2 { &clients.h2 } else { &clients.h1 }
+        });
+        let version = if upstream.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
         let mut body = Some(body);
         let mut tried: SmallVec<[usize; MAX_RETRIES + 1]> = SmallVec::new();
         let mut outcome = Denial::BadGateway(denial::BadGateway::ConnectFailed);
@@ -513,89 +358,38 @@ impl Forwarder {
             tried.push(i);
             let last = !retryable || attempt == MAX_RETRIES || tried.len() == state.endpoints.len();
             let endpoint = &state.endpoints[i];
-            let uri = if pooled {
-                Uri::from(path_and_query.clone())
-            } else {
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(if tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP });
-                parts.authority = Some(endpoint.authority.clone());
-                parts.path_and_query = Some(path_and_query.clone());
-                let Ok(uri) = Uri::from_parts(parts) else { break };
-                uri
-            };
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(if tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP });
+            parts.authority = Some(endpoint.authority.clone());
+            parts.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(parts) else { break };
             let _in_flight = state.start(i);
-            // The request and the attempt are built where they are awaited: a value bound to a
-            // local first keeps its own slot in this (larger) future, next to the copy in use.
-            let sent = tokio::time::timeout_at(deadline, async {
-                let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
-                *request.method_mut() = method.clone();
-                *request.uri_mut() = uri;
-                *request.version_mut() = version;
-                *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
-                if pooled {
-                    send_h1(endpoint, upstream.connect_timeout, tls.map(|t| &**t), request).await
-                } else {
-                    let sent = match tls_client {
-                        Some(client) => client.request(request).await,
-                        None => client.request(request).await,
-                    };
-                    match sent {
-                        Ok(response) => Ok(response.map(|inner| UpstreamBody { inner, give_back: None })),
-                        Err(e) => Err(SendError::Legacy(e)),
-                    }
+            let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = uri;
+            *request.version_mut() = version;
+            *request.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
+            let sent = async {
+                match tls_client {
+                    Some(client) => client.request(request).await,
+                    None => plain.request(request).await,
                 }
-            })
-            .await;
-            let result = match sent {
+            };
+            let error = match tokio::time::timeout_at(deadline, sent).await {
                 Err(_) => {
                     debug!(upstream.name = %state.name, upstream.endpoint = %endpoint.authority, "upstream request timed out");
                     state.metrics.record_error(Reason::UpstreamTimeout);
                     return Err(Denial::GatewayTimeout(denial::Timeout::Request));
                 }
-                Ok(result) => result,
-            };
-            let error = match result {
-                Ok(response) => {
+                Ok(Ok(response)) => {
                     state.report_success(i);
                     return Ok(response);
                 }
-                Err(e) => e,
+                Ok(Err(e)) => e,
             };
             let failure = classify(&error);
-            debug!(
-                upstream.name = %state.name,
-                upstream.endpoint = %endpoint.authority,
-                attempt,
-                error = %ErrorChain(&error),
-                "upstream attempt failed"
-            );
-            let denial = match failure {
-                Failure::BodyTooLarge => return Err(Denial::PayloadTooLarge),
-                // The client went away mid-body; not the endpoint's fault.
-                Failure::ClientBody => return Err(Denial::BadGateway(denial::BadGateway::Reset)),
-                Failure::ConnectTimeout => Denial::GatewayTimeout(denial::Timeout::Connect),
-                Failure::Connect => Denial::BadGateway(denial::BadGateway::ConnectFailed),
-                Failure::Tls => {
-                    warn!(
-                        upstream.name = %state.name,
-                        upstream.endpoint = %endpoint.authority,
-                        error = %ErrorChain(&error),
-                        "upstream TLS handshake failed"
-                    );
-                    Denial::BadGateway(denial::BadGateway::TlsFailed)
-                }
-                Failure::Reset => Denial::BadGateway(denial::BadGateway::Reset),
-            };
-            state.metrics.record_error(denial.reason_code());
-            if state.report_failure(i, upstream) {
-                warn!(
-                    upstream.name = %state.name,
-                    upstream.endpoint = %endpoint.authority,
-                    ejection_time = ?upstream.health.ejection_time,
-                    "endpoint ejected after consecutive failures"
-                );
-            }
-            if !matches!(failure, Failure::Connect | Failure::ConnectTimeout | Failure::Tls) || last {
+            let denial = attempt_failed(state, upstream, i, attempt, failure, &ErrorChain(&error))?;
+            if last {
                 return Err(denial);
             }
             outcome = denial;
@@ -604,13 +398,63 @@ impl Forwarder {
     }
 }
 
+/// Accounts for a failed attempt on endpoint `i` of `state` (log, error metric, passive
+/// health) and says what the client gets: `Ok(denial)` when the failure is a connect failure,
+/// so another endpoint may be tried; `Err(denial)` when the request must not be retried.
+/// Failures of the client's own body do not count against the endpoint.
+pub fn attempt_failed(
+    state: &UpstreamState,
+    upstream: &Upstream,
+    i: usize,
+    attempt: usize,
+    failure: Failure,
+    error: &dyn fmt::Display,
+) -> Result<Denial, Denial> {
+    let endpoint = &state.endpoints[i];
+    debug!(
+        upstream.name = %state.name,
+        upstream.endpoint = %endpoint.authority,
+        attempt,
+        error = %error,
+        "upstream attempt failed"
+    );
+    let denial = match failure {
+        Failure::BodyTooLarge => return Err(Denial::PayloadTooLarge),
+        // The client went away mid-body; not the endpoint's fault.
+        Failure::ClientBody => return Err(Denial::BadGateway(denial::BadGateway::Reset)),
+        Failure::ConnectTimeout => Denial::GatewayTimeout(denial::Timeout::Connect),
+        Failure::Connect => Denial::BadGateway(denial::BadGateway::ConnectFailed),
+        Failure::Tls => {
+            warn!(
+                upstream.name = %state.name,
+                upstream.endpoint = %endpoint.authority,
+                error = %error,
+                "upstream TLS handshake failed"
+            );
+            Denial::BadGateway(denial::BadGateway::TlsFailed)
+        }
+        Failure::Reset => Denial::BadGateway(denial::BadGateway::Reset),
+    };
+    state.metrics.record_error(denial.reason_code());
+    if state.report_failure(i, upstream) {
+        warn!(
+            upstream.name = %state.name,
+            upstream.endpoint = %endpoint.authority,
+            ejection_time = ?upstream.health.ejection_time,
+            "endpoint ejected after consecutive failures"
+        );
+    }
+    if matches!(failure, Failure::Connect | Failure::ConnectTimeout | Failure::Tls) { Ok(denial) } else { Err(denial) }
+}
+
 /// GET, HEAD, OPTIONS, PUT, DELETE: safe to send twice when the first never arrived.
 pub fn is_idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
 }
 
+/// How an attempt failed, as far as retries, passive health and the client's status go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Failure {
+pub enum Failure {
     BodyTooLarge,
     ClientBody,
     Connect,
@@ -620,29 +464,34 @@ enum Failure {
     Reset,
 }
 
-fn classify(e: &SendError) -> Failure {
-    let mut source: Option<&(dyn StdError + 'static)> = match e {
-        SendError::Connect(ConnectError::TimedOut(_)) => return Failure::ConnectTimeout,
-        SendError::Connect(ConnectError::Tls(_) | ConnectError::ServerName(_)) => return Failure::Tls,
-        SendError::Connect(_) | SendError::Handshake(_) => return Failure::Connect,
-        SendError::Request(e) => Some(e),
-        SendError::Legacy(e) => e.source(),
-    };
+impl Failure {
+    /// The failure of a connect (or TLS handshake) attempt.
+    pub fn of_connect(e: &ConnectError) -> Failure {
+        match e {
+            ConnectError::TimedOut(_) => Failure::ConnectTimeout,
+            ConnectError::Tls(_) | ConnectError::ServerName(_) => Failure::Tls,
+            ConnectError::Failed(_) => Failure::Connect,
+        }
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source = e.source();
     while let Some(s) = source {
         if let Some(b) = s.downcast_ref::<BodyError>() {
             return match b {
                 BodyError::TooLarge { .. } => Failure::BodyTooLarge,
-                BodyError::Client(_) => Failure::ClientBody,
+                BodyError::Client(_) | BodyError::ClientAborted => Failure::ClientBody,
             };
         }
-        match s.downcast_ref::<ConnectError>() {
-            Some(ConnectError::TimedOut(_)) => return Failure::ConnectTimeout,
-            Some(ConnectError::Tls(_) | ConnectError::ServerName(_)) => return Failure::Tls,
-            _ => {}
+        if let Some(c) = s.downcast_ref::<ConnectError>()
+            && !matches!(c, ConnectError::Failed(_))
+        {
+            return Failure::of_connect(c);
         }
         source = s.source();
     }
-    if matches!(e, SendError::Legacy(e) if e.is_connect()) { Failure::Connect } else { Failure::Reset }
+    if e.is_connect() { Failure::Connect } else { Failure::Reset }
 }
 
 /// Displays an error with its sources, for logs.
@@ -684,11 +533,13 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, and `Upgrade` unless
 /// `keep_upgrade` (a protocol switch being forwarded, which keeps `Connection: upgrade`).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One scan of the few names finds which are there: most messages carry none, and most
-    // upstream responses only `Connection: keep-alive`; a hashed removal per absent name costs
-    // more than the scan.
-    let present = headers.keys().fold(0, |found, name| found | hop_by_hop_bit(name));
-    if present == 0 && !keep_upgrade {
+    let present = scan(headers);
+    remove_hop_by_hop_scanned(headers, present, keep_upgrade);
+}
+
+/// [`remove_hop_by_hop`] with the message's [`scan`] done already.
+pub fn remove_hop_by_hop_scanned(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) {
+    if present & HOP_BY_HOP == 0 && !keep_upgrade {
         return;
     }
     if present & HOP_CONNECTION != 0
@@ -727,18 +578,31 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-const HOP_CONNECTION: u8 = 1;
-const HOP_KEEP_ALIVE: u8 = 1 << 1;
-const HOP_PROXY_CONNECTION: u8 = 1 << 2;
-const HOP_TE: u8 = 1 << 3;
-const HOP_TRAILER: u8 = 1 << 4;
-const HOP_TRANSFER_ENCODING: u8 = 1 << 5;
-const HOP_UPGRADE: u8 = 1 << 6;
+const HOP_CONNECTION: u16 = 1;
+const HOP_KEEP_ALIVE: u16 = 1 << 1;
+const HOP_PROXY_CONNECTION: u16 = 1 << 2;
+const HOP_TE: u16 = 1 << 3;
+const HOP_TRAILER: u16 = 1 << 4;
+const HOP_TRANSFER_ENCODING: u16 = 1 << 5;
+const HOP_UPGRADE: u16 = 1 << 6;
+const FWD_FOR: u16 = 1 << 7;
+const FWD_PROTO: u16 = 1 << 8;
+const FWD_HOST: u16 = 1 << 9;
+const FWD_FORWARDED: u16 = 1 << 10;
+const FWD_REQUEST_ID: u16 = 1 << 11;
+const HOP_BY_HOP: u16 = (1 << 7) - 1;
 
-/// The bit of `name` if it is one of the hop-by-hop headers [`remove_hop_by_hop`] always
-/// handles (the ones `Connection` names can only be there with `Connection`), else 0.
-fn hop_by_hop_bit(name: &HeaderName) -> u8 {
-    // One match on the (lowercase) name: cheaper than comparing against seven `HeaderName`s.
+/// Which of the fields the proxy removes or sets a message carries: one scan of its names,
+/// cheaper than a hashed lookup per absent name (most messages carry none of them).
+pub fn scan(headers: &HeaderMap) -> u16 {
+    headers.keys().fold(0, |found, name| found | special_bit(name))
+}
+
+/// The bit of `name` if it is one of the hop-by-hop fields [`remove_hop_by_hop`] always
+/// handles (the ones `Connection` names can only be there with `Connection`) or one the proxy
+/// sets itself, else 0.
+fn special_bit(name: &HeaderName) -> u16 {
+    // One match on the (lowercase) name: cheaper than comparing against a dozen `HeaderName`s.
     match name.as_str() {
         "connection" => HOP_CONNECTION,
         "keep-alive" => HOP_KEEP_ALIVE,
@@ -747,6 +611,11 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
         "trailer" => HOP_TRAILER,
         "transfer-encoding" => HOP_TRANSFER_ENCODING,
         "upgrade" => HOP_UPGRADE,
+        "x-forwarded-for" => FWD_FOR,
+        "x-forwarded-proto" => FWD_PROTO,
+        "x-forwarded-host" => FWD_HOST,
+        "forwarded" => FWD_FORWARDED,
+        "x-request-id" => FWD_REQUEST_ID,
         _ => 0,
     }
 }
@@ -768,78 +637,141 @@ pub struct Origin<'a> {
     pub host: Option<&'a HeaderValue>,
 }
 
-/// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded` and `Host`. From an untrusted peer
-/// every incoming forwarding header is replaced; from a trusted one `X-Forwarded-Proto`/`-Host`
-/// are kept and our `Forwarded` element is appended.
-pub fn set_forwarding_headers(headers: &mut HeaderMap, origin: &Origin<'_>) {
+/// The fields the proxy sets on a request it forwards: `X-Forwarded-For`, `-Proto`, `-Host`,
+/// `Forwarded` and `X-Request-Id`, computed once ([`forwarding_fields`]) and then either put
+/// into a `HeaderMap` ([`ForwardingFields::apply`], hyper's clients) or written straight into
+/// an HTTP/1.1 head ([`ForwardingFields::write`], the HTTP/1 engine).
+#[derive(Debug)]
+pub struct ForwardingFields {
+    xff: HeaderValue,
+    /// `None`: the trusted peer's own `X-Forwarded-Proto` stays.
+    proto: Option<&'static str>,
+    /// `None`: none to set (no host, or the trusted peer's own stays).
+    host: Option<HeaderValue>,
+    /// The whole `Forwarded` value; empty: none (an unrepresentable chain was dropped).
+    forwarded: SmallVec<[u8; 128]>,
+    /// `None`: `X-Request-Id` is not the caller's business.
+    request_id: Option<HeaderValue>,
+}
+
+/// Works out the forwarding fields for `origin` and removes from `headers` the client's
+/// copies they replace (`present`: the message's [`scan`]). From an untrusted peer every
+/// incoming forwarding field is replaced; from a trusted one `X-Forwarded-Proto`/`-Host` are
+/// kept and our `Forwarded` element is appended to its chain. `Host` is set to the host the
+/// client asked for (the URI's authority may differ from the `Host` field).
+pub fn forwarding_fields(
+    headers: &mut HeaderMap,
+    present: u16,
+    origin: &Origin<'_>,
+    request_id: Option<HeaderValue>,
+) -> ForwardingFields {
     let proto = if origin.tls { "https" } else { "http" };
     let host = origin.host.and_then(|h| h.to_str().ok());
-    headers.insert(&X_FORWARDED_FOR, origin.xff.clone());
-    if !origin.peer_trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if present & FWD_FOR != 0 {
+        headers.remove(&X_FORWARDED_FOR);
     }
-    if let Some(h) = origin.host {
-        if !origin.peer_trusted || !headers.contains_key(&X_FORWARDED_HOST) {
-            headers.insert(&X_FORWARDED_HOST, h.clone());
-        }
-        match headers.entry(header::HOST) {
-            // Usually the request's own `Host`: nothing to replace.
-            header::Entry::Occupied(e) if e.iter().eq([h]) => {}
-            header::Entry::Occupied(mut e) => {
-                e.insert(h.clone());
-            }
-            header::Entry::Vacant(e) => {
-                e.insert(h.clone());
+    if request_id.is_some() && present & FWD_REQUEST_ID != 0 {
+        headers.remove(&X_REQUEST_ID);
+    }
+    let keep_proto = origin.peer_trusted && present & FWD_PROTO != 0;
+    let keep_host = origin.peer_trusted && present & FWD_HOST != 0;
+    if !origin.peer_trusted {
+        for (bit, name) in [(FWD_PROTO, &X_FORWARDED_PROTO), (FWD_HOST, &X_FORWARDED_HOST)] {
+            if present & bit != 0 {
+                headers.remove(name);
             }
         }
     }
-    match headers.entry(header::FORWARDED) {
-        header::Entry::Occupied(mut e) if origin.peer_trusted => {
-            let mut chain = String::with_capacity(128);
-            for v in e.iter().filter_map(|v| v.to_str().ok()) {
-                chain.push_str(v);
-                chain.push_str(", ");
+    if let Some(h) = origin.host
+        && headers.get(header::HOST) != Some(h)
+    {
+        headers.insert(header::HOST, h.clone());
+    }
+    let chain = match present & FWD_FORWARDED {
+        0 => None,
+        _ => match headers.entry(header::FORWARDED) {
+            header::Entry::Occupied(e) => Some(e.remove_entry_mult().1.collect::<SmallVec<[HeaderValue; 2]>>()),
+            header::Entry::Vacant(_) => None,
+        },
+    };
+    let mut forwarded = SmallVec::<[u8; 128]>::new();
+    match chain {
+        Some(chain) if origin.peer_trusted => {
+            for v in &chain {
+                forwarded.extend_from_slice(v.as_bytes());
+                forwarded.extend_from_slice(b", ");
             }
             // Appended to a trusted chain, the element names the peer (the node that connected
             // to us, RFC 7239 §5.2).
-            chain.push_str(origin.peer_element);
-            forwarded_host(&mut chain, host);
-            match HeaderValue::try_from(chain) {
-                Ok(v) => {
-                    e.insert(v);
-                }
-                Err(_) => {
-                    e.remove();
-                }
-            }
+            forwarded.extend_from_slice(origin.peer_element.as_bytes());
         }
-        entry => {
+        _ if origin.client == origin.peer => forwarded.extend_from_slice(origin.peer_element.as_bytes()),
+        _ => {
             // As the only element, it names the resolved client.
-            let mut element = SmallVec::<[u8; 128]>::new();
-            if origin.client == origin.peer {
-                element.extend_from_slice(origin.peer_element.as_bytes());
-            } else {
-                let mut s = String::new();
-                forwarded_for(&mut s, origin.client, proto);
-                element.extend_from_slice(s.as_bytes());
-            }
-            if let Some(host) = host {
-                push_forwarded_host(&mut element, host);
-            }
-            match (entry, HeaderValue::from_bytes(&element)) {
-                (header::Entry::Occupied(mut e), Ok(v)) => {
-                    e.insert(v);
-                }
-                (header::Entry::Occupied(e), Err(_)) => {
-                    e.remove();
-                }
-                (header::Entry::Vacant(e), Ok(v)) => {
-                    e.insert(v);
-                }
-                (header::Entry::Vacant(_), Err(_)) => {}
-            }
+            let mut s = String::with_capacity(64);
+            forwarded_for(&mut s, origin.client, proto);
+            forwarded.extend_from_slice(s.as_bytes());
         }
     }
+    if let Some(host) = host {
+        push_forwarded_host(&mut forwarded, host);
+    }
+    if HeaderValue::from_bytes(&forwarded).is_err() {
+        forwarded.clear();
+    }
+    ForwardingFields {
+        xff: origin.xff.clone(),
+        proto: (!keep_proto).then_some(proto),
+        host: if keep_host { None } else { origin.host.cloned() },
+        forwarded,
+        request_id,
+    }
+}
+
+impl ForwardingFields {
+    /// Puts the fields into `headers`.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(&X_FORWARDED_FOR, self.xff.clone());
+        if let Some(proto) = self.proto {
+            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if let Some(host) = &self.host {
+            headers.insert(&X_FORWARDED_HOST, host.clone());
+        }
+        if !self.forwarded.is_empty()
+            && let Ok(v) = HeaderValue::from_bytes(&self.forwarded)
+        {
+            headers.insert(header::FORWARDED, v);
+        }
+        if let Some(id) = &self.request_id {
+            headers.insert(&X_REQUEST_ID, id.clone());
+        }
+    }
+
+    /// Appends the fields as HTTP/1.1 field lines.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        use crate::http1::wire::push_field;
+        push_field(out, b"x-forwarded-for", self.xff.as_bytes());
+        if let Some(proto) = self.proto {
+            push_field(out, b"x-forwarded-proto", proto.as_bytes());
+        }
+        if let Some(host) = &self.host {
+            push_field(out, b"x-forwarded-host", host.as_bytes());
+        }
+        if !self.forwarded.is_empty() {
+            push_field(out, b"forwarded", &self.forwarded);
+        }
+        if let Some(id) = &self.request_id {
+            push_field(out, b"x-request-id", id.as_bytes());
+        }
+    }
+}
+
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded` and `Host` in `headers` (see
+/// [`forwarding_fields`]); `X-Request-Id` is left as it is.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, origin: &Origin<'_>) {
+    let present = scan(headers);
+    forwarding_fields(headers, present, origin, None).apply(headers);
 }
 
 /// `for=<peer>;proto=<proto>` for a connection from `peer`: the start of the `Forwarded`

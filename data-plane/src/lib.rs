@@ -6,6 +6,7 @@ pub mod config_client;
 pub mod cow;
 pub mod denial;
 pub mod forward;
+pub mod http1;
 pub mod introspect;
 pub mod kid_reports;
 pub mod lkg;

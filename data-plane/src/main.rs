@@ -95,6 +95,9 @@ struct Args {
     /// How long a client may take to send its request headers.
     #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     header_read_timeout: Duration,
+    /// How long an idle HTTP/1 client connection is kept open waiting for its next request.
+    #[arg(long, env = "PORTCULLIS_KEEP_ALIVE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    keep_alive_timeout: Duration,
     /// How long in-flight requests may finish after SIGTERM.
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
     drain_timeout: Duration,
@@ -218,6 +221,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     let options = ServerOptions {
         max_header_bytes: args.max_header_bytes,
         header_read_timeout: args.header_read_timeout,
+        keep_alive_timeout: args.keep_alive_timeout,
         drain_timeout: args.drain_timeout,
     };
     Server::new(options, pipeline, acceptor).serve(listener, shutdown.clone()).await;

@@ -117,9 +117,20 @@ fn status_class(status: StatusCode) -> usize {
 pub struct UpstreamMetrics {
     name: Box<str>,
     errors: [AtomicU64; REASONS],
+    /// Connections opened by the HTTP/1 engine (a pooled connection reused is not counted):
+    /// next to the request count, it tells how well keep-alive to the upstream works.
+    connects: AtomicU64,
 }
 
 impl UpstreamMetrics {
+    pub fn record_connect(&self) {
+        self.connects.fetch_add(1, Relaxed);
+    }
+
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Relaxed)
+    }
+
     pub fn record_error(&self, reason: Reason) {
         self.errors[reason as usize].fetch_add(1, Relaxed);
     }
@@ -183,6 +194,21 @@ impl KidReportMetrics {
     }
 }
 
+/// Client connections (see `server.rs` and `http1/conn.rs`).
+#[derive(Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Accepted connections that spoke HTTP/1.x.
+    pub http1: AtomicU64,
+    /// Accepted connections that spoke HTTP/2 (h2c prior knowledge or ALPN).
+    pub http2: AtomicU64,
+    /// Open now (a gauge).
+    pub open: AtomicU64,
+    /// Closed because a request head did not arrive within the header read timeout.
+    pub header_timeouts: AtomicU64,
+    /// Closed because no request came within the keep-alive timeout.
+    pub idle_timeouts: AtomicU64,
+}
+
 /// The registry. One per proxy, shared by `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -191,6 +217,7 @@ pub struct Metrics {
     unmatched: Arc<RouteMetrics>,
     pub introspection: IntrospectionMetrics,
     unknown_kid_reports: KidReportMetrics,
+    pub connections: ConnectionMetrics,
 }
 
 impl Default for Metrics {
@@ -207,6 +234,7 @@ impl Metrics {
             unmatched: Arc::new(RouteMetrics::new(UNMATCHED_ROUTE)),
             introspection: IntrospectionMetrics::default(),
             unknown_kid_reports: KidReportMetrics::default(),
+            connections: ConnectionMetrics::default(),
         }
     }
 
@@ -238,7 +266,11 @@ impl Metrics {
         if let Some(m) = upstreams.get(name) {
             return Arc::clone(m);
         }
-        let m = Arc::new(UpstreamMetrics { name: name.into(), errors: std::array::from_fn(|_| AtomicU64::new(0)) });
+        let m = Arc::new(UpstreamMetrics {
+            name: name.into(),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            connects: AtomicU64::new(0),
+        });
         upstreams.insert(name.to_owned(), Arc::clone(&m));
         m
     }
@@ -322,6 +354,33 @@ impl Metrics {
                     let _ = writeln!(out, "\",reason=\"{}\"}} {n}", reason.as_str());
                 }
             }
+        }
+
+        out.push_str("# HELP portcullis_proxy_upstream_connections_opened_total Connections opened to an upstream by the HTTP/1 engine.\n");
+        out.push_str("# TYPE portcullis_proxy_upstream_connections_opened_total counter\n");
+        for u in &upstreams {
+            out.push_str("portcullis_proxy_upstream_connections_opened_total{upstream=\"");
+            push_label(&mut out, &u.name);
+            let _ = writeln!(out, "\"}} {}", u.connects());
+        }
+
+        let c = &self.connections;
+        out.push_str("# HELP portcullis_proxy_connections_total Client connections accepted, by protocol.\n");
+        out.push_str("# TYPE portcullis_proxy_connections_total counter\n");
+        for (protocol, n) in [("http1", &c.http1), ("http2", &c.http2)] {
+            let _ = writeln!(out, "portcullis_proxy_connections_total{{protocol=\"{protocol}\"}} {}", n.load(Relaxed));
+        }
+        out.push_str("# HELP portcullis_proxy_connections_open Client connections open now.\n");
+        out.push_str("# TYPE portcullis_proxy_connections_open gauge\n");
+        let _ = writeln!(out, "portcullis_proxy_connections_open {}", c.open.load(Relaxed));
+        out.push_str("# HELP portcullis_proxy_connections_timed_out_total Client connections closed for a timeout: a request head not sent within --header-read-timeout, or no new request within --keep-alive-timeout.\n");
+        out.push_str("# TYPE portcullis_proxy_connections_timed_out_total counter\n");
+        for (reason, n) in [("header_read", &c.header_timeouts), ("keep_alive", &c.idle_timeouts)] {
+            let _ = writeln!(
+                out,
+                "portcullis_proxy_connections_timed_out_total{{reason=\"{reason}\"}} {}",
+                n.load(Relaxed)
+            );
         }
 
         let i = &self.introspection;

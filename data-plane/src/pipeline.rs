@@ -51,7 +51,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, TE};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -65,7 +65,9 @@ use smallvec::SmallVec;
 use tracing::{debug, info};
 
 use crate::denial::{AuthFailure, Denial, Forbidden};
-use crate::forward::{self, Forwarder, Origin, Outgoing, RequestBody, UpstreamBody, X_FORWARDED_FOR, X_REQUEST_ID};
+use crate::forward::{
+    self, Forwarder, ForwardingFields, Origin, Outgoing, RequestBody, UpstreamBody, X_FORWARDED_FOR, X_REQUEST_ID,
+};
 use crate::introspect::{Introspection, Introspector, Outcome, Phantom};
 use crate::kid_reports::KidReporter;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -376,7 +378,7 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(parts: Parts, conn: Arc<ConnInfo>) -> RequestCtx {
+    pub fn new(parts: Parts, conn: Arc<ConnInfo>) -> RequestCtx {
         RequestCtx {
             client_ip: conn.peer,
             xff: conn.peer_header.clone(),
@@ -393,6 +395,15 @@ impl RequestCtx {
             body_limit: 0,
             token: None,
         }
+    }
+
+    /// The request id (after the first stage: the client's valid one, or a generated one).
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    pub fn version(&self) -> Version {
+        self.parts.version
     }
 
     /// The normalized path (after the normalization stage).
@@ -469,20 +480,30 @@ impl Pipeline {
         &self.metrics
     }
 
-    /// Runs one request through the stages and forwards it.
+    /// Runs one request through the stages and forwards it (the hyper path: HTTP/2 clients).
     pub async fn handle(&self, request: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<ResponseBody> {
         let (parts, body) = request.into_parts();
         let mut ctx = RequestCtx::new(parts, conn);
+        if let Err((stage, denial)) = self.decide(&mut ctx).await {
+            self.record_denial(&ctx, stage, &denial);
+            return problem(&denial, ctx.request_id.clone());
+        }
+        self.forward(&mut ctx, body).await
+    }
+
+    /// Runs the stages over `ctx`: `Ok` when the request may go upstream, else the stage that
+    /// refused it and why.
+    pub async fn decide(&self, ctx: &mut RequestCtx) -> Result<(), (&'static str, Denial)> {
         for (stage, run) in STAGES {
-            let verdict = match run(self, &mut ctx) {
-                Verdict::Introspect => Box::pin(self.introspect(&mut ctx)).await,
+            let verdict = match run(self, ctx) {
+                Verdict::Introspect => Box::pin(self.introspect(ctx)).await,
                 verdict => verdict,
             };
             if let Verdict::Deny(denial) = verdict {
-                return self.deny(&ctx, stage, denial);
+                return Err((stage, denial));
             }
         }
-        self.forward(&mut ctx, body).await
+        Ok(())
     }
 
     fn route_metrics(&self, ctx: &RequestCtx) -> Arc<RouteMetrics> {
@@ -492,7 +513,8 @@ impl Pipeline {
         }
     }
 
-    fn deny(&self, ctx: &RequestCtx, stage: &'static str, denial: Denial) -> Response<ResponseBody> {
+    /// Counts and logs a request the proxy refuses itself (its answer is `denial`'s problem).
+    pub fn record_denial(&self, ctx: &RequestCtx, stage: &'static str, denial: &Denial) {
         let elapsed = ctx.start.elapsed();
         self.route_metrics(ctx).record_denied(denial.reason_code(), elapsed);
         debug!(
@@ -507,7 +529,12 @@ impl Pipeline {
             elapsed = ?elapsed,
             "request denied"
         );
-        problem(&denial, ctx.request_id.clone())
+    }
+
+    /// Counts a request refused before it had a context (a malformed or oversized head).
+    pub fn record_unparsed(&self, denial: &Denial, peer: IpAddr) {
+        self.metrics.unmatched().record_denied(denial.reason_code(), Duration::ZERO);
+        debug!(reason = denial.reason(), http.status = denial.status().as_u16(), client.ip = %peer, "request refused");
     }
 
     // -------------------------------------------------------------- stages
@@ -796,79 +823,119 @@ impl Pipeline {
 
     // -------------------------------------------------------------- forwarding
 
-    /// Takes the context by reference: it stays in the caller's future, where the stages left
-    /// it, instead of being copied into this one (which hyper copies again on every request).
-    async fn forward(&self, ctx: &mut RequestCtx, body: Incoming) -> Response<ResponseBody> {
-        let RequestCtx {
-            parts,
-            conn,
-            start,
-            request_id,
-            snapshot,
-            client_ip,
-            peer_trusted,
-            xff,
-            host,
-            route,
-            upstream_path,
-            body_limit,
-            ..
-        } = ctx;
-        let (client_ip, peer_trusted, start) = (*client_ip, *peer_trusted, *start);
-        let request_id = std::mem::replace(request_id, HeaderValue::from_static("-"));
-        let Some(route) = snapshot.as_ref().zip(*route).and_then(|(s, i)| s.routes.get(i)) else {
-            // The stages guarantee a route; answer as if none matched rather than panic.
-            self.metrics.unmatched().record_denied(Denial::NotFound.reason_code(), start.elapsed());
-            return problem(&Denial::NotFound, request_id);
-        };
-        let state: &UpstreamState =
-            route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream, route.tls.as_ref()));
-        let metrics: &RouteMetrics = route.bindings.metrics.get_or_init(|| self.metrics.route(&route.route.name));
-
+    /// Makes the request that goes upstream from a request the stages let through: the route's
+    /// upstream state and counters resolved, hop-by-hop fields removed, the forwarding fields
+    /// and `X-Request-Id` set, the (normalized, rewritten) path, the deadline. Shared by the
+    /// HTTP/1 engine and the hyper path, so both send exactly the same request.
+    pub fn outbound(&self, ctx: &mut RequestCtx) -> Result<Outbound, Denial> {
+        let route = ctx.snapshot.as_ref().zip(ctx.route).and_then(|(s, i)| s.routes.get(i)).cloned();
+        let Some(route) = route else { return Err(Denial::NotFound) };
+        let state = Arc::clone(
+            route.bindings.upstream.get_or_init(|| self.upstreams.resolve(&route.upstream, route.tls.as_ref())),
+        );
+        let metrics = Arc::clone(route.bindings.metrics.get_or_init(|| self.metrics.route(&route.route.name)));
+        let RequestCtx { parts, conn, client_ip, peer_trusted, xff, host, upstream_path, .. } = ctx;
         let upgrade = parts.version == Version::HTTP_11 && !route.upstream.http2 && forward::is_upgrade(&parts.headers);
-        let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
         // `TE: trailers` is the one TE that HTTP/2 carries (gRPC needs it end to end).
         let te_trailers = route.upstream.http2
             && parts.headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        forward::remove_hop_by_hop(&mut parts.headers, upgrade);
-        // hyper answered any `Expect: 100-continue` when the body was first read.
-        parts.headers.remove(EXPECT);
+        let present = forward::scan(&parts.headers);
+        forward::remove_hop_by_hop_scanned(&mut parts.headers, present, upgrade);
+        // The proxy answers `Expect: 100-continue` itself (hyper, or the HTTP/1 engine).
+        if parts.headers.contains_key(EXPECT) {
+            parts.headers.remove(EXPECT);
+        }
         if te_trailers {
             parts.headers.insert(TE, HeaderValue::from_static("trailers"));
         }
         let origin = Origin {
-            client: client_ip,
+            client: *client_ip,
             peer: conn.peer,
             peer_element: &conn.peer_element,
-            peer_trusted,
+            peer_trusted: *peer_trusted,
             xff,
             tls: conn.tls,
             host: host.as_ref(),
         };
-        forward::set_forwarding_headers(&mut parts.headers, &origin);
-        parts.headers.insert(&X_REQUEST_ID, request_id.clone());
+        let forwarding = forward::forwarding_fields(&mut parts.headers, present, &origin, Some(ctx.request_id.clone()));
         let path_and_query = upstream_path
             .take()
             .or_else(|| parts.uri.path_and_query().cloned())
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let log_method = &parts.method;
-        let deadline = tokio::time::Instant::now() + route.plan.timeout;
-        // Built in the call (not bound to a local first), so that it has no slot of its own here.
-        let result = self
-            .forwarder
-            .send(
-                &route.upstream,
-                state,
-                deadline,
-                Outgoing {
-                    method: parts.method.clone(),
-                    path_and_query,
-                    headers: std::mem::take(&mut parts.headers),
-                    body: RequestBody::new(body, *body_limit),
-                },
-            )
-            .await;
-        let elapsed = start.elapsed();
+        Ok(Outbound {
+            deadline: tokio::time::Instant::from_std(ctx.start) + route.plan.timeout,
+            method: parts.method.clone(),
+            path_and_query,
+            headers: std::mem::take(&mut parts.headers),
+            forwarding,
+            upgrade,
+            body_limit: ctx.body_limit,
+            route,
+            state,
+            metrics,
+        })
+    }
+
+    /// Counts and logs a request that could not be forwarded (its answer is `denial`'s problem).
+    pub fn record_upstream_failure(&self, ctx: &RequestCtx, out: &Outbound, denial: &Denial) {
+        let elapsed = ctx.start.elapsed();
+        out.metrics.record_denied(denial.reason_code(), elapsed);
+        debug!(
+            route.name = %out.route.route.name,
+            upstream.name = %out.route.upstream.name,
+            reason = denial.reason(),
+            http.method = %out.method,
+            http.status = denial.status().as_u16(),
+            client.ip = %ctx.client_ip,
+            request.id = ?ctx.request_id,
+            elapsed = ?elapsed,
+            "request failed upstream"
+        );
+    }
+
+    /// Counts and logs a response relayed from the upstream (at its head).
+    pub fn record_forwarded(&self, ctx: &RequestCtx, out: &Outbound, status: StatusCode) {
+        let elapsed = ctx.start.elapsed();
+        out.metrics.record_forwarded(status, elapsed);
+        debug!(
+            route.name = %out.route.route.name,
+            upstream.name = %out.route.upstream.name,
+            http.method = %out.method,
+            http.status = status.as_u16(),
+            client.ip = %ctx.client_ip,
+            request.id = ?ctx.request_id,
+            elapsed = ?elapsed,
+            "request forwarded"
+        );
+    }
+
+    /// A new request id (for a request refused before its head could be read).
+    pub fn next_request_id(&self) -> HeaderValue {
+        self.ids.next()
+    }
+
+    /// The hyper client through which [`Outbound`]s to HTTP/2 upstreams go.
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// Forwards through hyper's clients (requests of HTTP/2 clients).
+    async fn forward(&self, ctx: &mut RequestCtx, body: Incoming) -> Response<ResponseBody> {
+        let mut out = match self.outbound(ctx) {
+            Ok(out) => out,
+            Err(denial) => {
+                self.record_denial(ctx, "forward", &denial);
+                return problem(&denial, ctx.request_id.clone());
+            }
+        };
+        let client_upgrade = if out.upgrade { ctx.parts.extensions.remove::<OnUpgrade>() } else { None };
+        let outgoing = Outgoing {
+            method: out.method.clone(),
+            path_and_query: out.path_and_query.clone(),
+            headers: out.take_headers(),
+            body: RequestBody::new(body, out.body_limit),
+        };
+        let result = self.forwarder.send(&out.route.upstream, &out.state, out.deadline, outgoing).await;
         let result = match result {
             Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() => {
                 // A switch nobody asked for cannot be relayed.
@@ -879,42 +946,51 @@ impl Pipeline {
         let mut response = match result {
             Ok(response) => response,
             Err(denial) => {
-                metrics.record_denied(denial.reason_code(), elapsed);
-                debug!(
-                    route.name = %route.route.name,
-                    upstream.name = %route.upstream.name,
-                    reason = denial.reason(),
-                    http.method = %log_method,
-                    http.status = denial.status().as_u16(),
-                    client.ip = %client_ip,
-                    request.id = ?request_id,
-                    elapsed = ?elapsed,
-                    "request failed upstream"
-                );
-                return problem(&denial, request_id);
+                self.record_upstream_failure(ctx, &out, &denial);
+                return problem(&denial, ctx.request_id.clone());
             }
         };
         let status = response.status();
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client)) = (switching, client_upgrade) {
             let upstream = hyper::upgrade::on(&mut response);
-            forward::tunnel(client, upstream, Arc::clone(&route.plan.name));
+            forward::tunnel(client, upstream, Arc::clone(&out.route.plan.name));
         }
         forward::remove_hop_by_hop(response.headers_mut(), switching);
-        metrics.record_forwarded(status, elapsed);
-        debug!(
-            route.name = %route.route.name,
-            upstream.name = %route.upstream.name,
-            http.method = %log_method,
-            http.status = status.as_u16(),
-            client.ip = %client_ip,
-            request.id = ?request_id,
-            elapsed = ?elapsed,
-            "request forwarded"
-        );
-        response.headers_mut().insert(&X_REQUEST_ID, request_id);
+        self.record_forwarded(ctx, &out, status);
+        response.headers_mut().insert(&X_REQUEST_ID, ctx.request_id.clone());
         response.map(Either::Left)
     }
+}
+
+impl Outbound {
+    /// The headers to send, the proxy's fields included (for hyper's clients).
+    pub fn take_headers(&mut self) -> HeaderMap {
+        let mut headers = std::mem::take(&mut self.headers);
+        self.forwarding.apply(&mut headers);
+        headers
+    }
+}
+
+/// A request ready to go upstream ([`Pipeline::outbound`]).
+#[derive(Debug)]
+pub struct Outbound {
+    pub route: Arc<CompiledRoute>,
+    pub state: Arc<UpstreamState>,
+    pub metrics: Arc<RouteMetrics>,
+    pub method: http::Method,
+    /// The normalized, rewritten path with the original query.
+    pub path_and_query: PathAndQuery,
+    /// The client's fields as they go on (hop-by-hop ones removed)...
+    pub headers: HeaderMap,
+    /// ...and the ones the proxy sets, written after them.
+    pub forwarding: ForwardingFields,
+    /// The client asks to switch protocols and the upstream speaks HTTP/1.1: `Upgrade` and
+    /// `Connection: upgrade` are kept.
+    pub upgrade: bool,
+    /// Until the response head: the route's timeout from the request's arrival.
+    pub deadline: tokio::time::Instant,
+    pub body_limit: u64,
 }
 
 /// The problem response of `denial`, with the request id header.

@@ -80,7 +80,7 @@ pub struct Endpoint {
     /// With TLS: the name to send and verify (computed once, not per connection).
     pub server_name: Option<ServerName<'static>>,
     /// Idle HTTP/1.1 connections to this endpoint.
-    pub idle: Arc<crate::forward::IdlePool>,
+    pub idle: crate::http1::client::IdlePool,
     in_flight: AtomicUsize,
     failures: AtomicU32,
     /// Nanoseconds after the state's `base` until which the endpoint is ejected; 0 = not.
@@ -135,7 +135,7 @@ impl UpstreamState {
             .map(|authority| Endpoint {
                 server_name: tls.as_ref().and_then(|t| t.server_name_for(&authority)),
                 authority,
-                idle: Arc::default(),
+                idle: crate::http1::client::IdlePool::default(),
                 in_flight: AtomicUsize::new(0),
                 failures: AtomicU32::new(0),
                 ejected_until: AtomicU64::new(0),
