@@ -136,6 +136,112 @@ async fn upstream_handle(
     Ok(res)
 }
 
+/// A scripted HTTP/1.1 upstream written on raw sockets, for answers hyper would not give: it
+/// records every request as the bytes it received (head and body) and answers by path:
+/// `/raw/chunked` a chunked body with extensions and a trailer, `/raw/close` an HTTP/1.0 body
+/// delimited by the close, `/raw/head` a `Content-Length` without a body (for HEAD),
+/// `/raw/hints` a `103` before the answer, `/raw/bad-length` two different lengths,
+/// `/raw/garbage` no HTTP at all, `/raw/truncated` less body than announced, `/raw/bye` a
+/// `Connection: close` answer, `/raw/drop` an answer after which it closes the connection
+/// silently (as an upstream's keep-alive timeout would), else `200 ok`.
+struct RawUpstream {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawUpstream {
+    async fn start() -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (rec, count) = (Arc::clone(&requests), Arc::clone(&connections));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(raw_connection(stream, Arc::clone(&rec)));
+            }
+        });
+        RawUpstream { addr, requests, connections }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn raw_connection(mut stream: TcpStream, requests: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    loop {
+        // the head
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        // the body: by length, or chunked up to the last chunk (these tests send no trailers)
+        let body_end = loop {
+            if let Some(n) = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            {
+                if buf.len() >= head_end + n {
+                    break head_end + n;
+                }
+            } else if head.contains("transfer-encoding: chunked") {
+                if let Some(i) = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break head_end + i + 5;
+                }
+            } else {
+                break head_end;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let request = String::from_utf8_lossy(&buf[..body_end]).into_owned();
+        buf.drain(..body_end);
+        let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
+        requests.lock().unwrap().push(request);
+        let answer: &[u8] = match path.as_str() {
+            "/raw/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+            "/raw/close" => b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close",
+            "/raw/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
+            "/raw/hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "/raw/bad-length" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            "/raw/garbage" => b"SURPRISE\r\n\r\n",
+            "/raw/truncated" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            "/raw/bye" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye",
+            "/raw/switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Upstream: raw\r\n\r\nok",
+        };
+        if stream.write_all(answer).await.is_err() {
+            return;
+        }
+        if matches!(
+            path.as_str(),
+            "/raw/close" | "/raw/truncated" | "/raw/bye" | "/raw/garbage" | "/raw/drop" | "/raw/switch"
+        ) {
+            return;
+        }
+    }
+}
+
 // ------------------------------------------------------------------ the configuration
 
 fn resource(kind: pb::resource::Kind) -> pb::Resource {
@@ -238,9 +344,18 @@ fn dead_port() -> (tokio::net::TcpSocket, SocketAddr) {
     (socket, addr)
 }
 
-fn config(live: SocketAddr, dead: SocketAddr) -> ResourceMap {
+fn config(live: SocketAddr, dead: SocketAddr, raw: SocketAddr) -> ResourceMap {
     let mut m = ResourceMap::new();
     for r in [
+        upstream("raw", &[raw], false),
+        route(RouteSpec { name: "raw", prefix: Some("/raw"), upstream: "raw", ..Default::default() }),
+        route(RouteSpec {
+            name: "raw-small",
+            prefix: Some("/rawsmall"),
+            upstream: "raw",
+            max_body: 16,
+            ..Default::default()
+        }),
         upstream("backend", &[live], false),
         upstream("h2-backend", &[live], true),
         upstream("down", &[dead], false),
@@ -298,6 +413,7 @@ fn config(live: SocketAddr, dead: SocketAddr) -> ResourceMap {
 
 struct Harness {
     upstream: Upstream,
+    raw: RawUpstream,
     proxy: SocketAddr,
     metrics: Arc<Metrics>,
     _snapshots: SnapshotHandle,
@@ -313,19 +429,23 @@ impl Drop for Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::with_options(ServerOptions { drain_timeout: Duration::from_secs(1), ..ServerOptions::default() }).await
+    }
+
+    async fn with_options(options: ServerOptions) -> Harness {
         let upstream = Upstream::start().await;
+        let raw = RawUpstream::start().await;
         let (dead_socket, dead) = dead_port();
         let snapshots = snapshot::new_handle();
-        let compiled = snapshot::compile(7, &config(upstream.addr, dead)).unwrap();
+        let compiled = snapshot::compile(7, &config(upstream.addr, dead, raw.addr)).unwrap();
         snapshots.store(Some(Arc::new(compiled)));
         let metrics = Arc::new(Metrics::new());
         let pipeline = Arc::new(Pipeline::new(snapshots.clone(), Settings::default(), Arc::clone(&metrics)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let options = ServerOptions { drain_timeout: Duration::from_secs(1), ..ServerOptions::default() };
         tokio::spawn(Server::new(options, pipeline, None).serve(listener, shutdown.clone()));
-        Harness { upstream, proxy, metrics, _snapshots: snapshots, _dead: dead_socket, shutdown }
+        Harness { upstream, raw, proxy, metrics, _snapshots: snapshots, _dead: dead_socket, shutdown }
     }
 
     fn url(&self, path: &str) -> String {
@@ -502,6 +622,8 @@ async fn huge_headers_are_431() {
     let big = "a".repeat(20 * 1024);
     let res = h.raw(format!("GET /api/x HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
     assert!(res.starts_with("HTTP/1.1 431"), "{res}");
+    assert!(res.contains("application/problem+json"), "{res}");
+    assert_eq!(h.metrics.unmatched().denied(Reason::HeadersTooLarge), 1);
     assert!(h.upstream.seen().is_empty());
 }
 
@@ -630,4 +752,327 @@ async fn draining_stops_accepting_and_finishes_in_flight_requests() {
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, "ok");
+}
+
+// ------------------------------------------------------------------ the HTTP/1 engine on the wire
+
+/// A client connection that speaks raw HTTP/1.x and reads answers one by one.
+struct RawClient {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// An answer: the head as sent (status line and fields) and the body, de-chunked.
+#[derive(Debug)]
+struct Answer {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    fn field(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
+
+impl RawClient {
+    async fn connect(h: &Harness) -> RawClient {
+        RawClient { s: TcpStream::connect(h.proxy).await.unwrap(), buf: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads until `pred` holds on the buffer, or EOF (false), within 5 s.
+    async fn fill_until(&mut self, pred: impl Fn(&[u8]) -> bool) -> bool {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !pred(&self.buf) {
+                let mut chunk = [0u8; 4096];
+                match self.s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 5 s"))
+    }
+
+    /// The next answer; `head_request`: no body whatever the head says.
+    async fn answer(&mut self, head_request: bool) -> Answer {
+        assert!(self.fill_until(|b| b.windows(4).any(|w| w == b"\r\n\r\n")).await, "closed before a head");
+        let end = self.buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8(self.buf.drain(..end).collect()).unwrap();
+        let mut answer = Answer { head, body: Vec::new() };
+        let status = answer.status();
+        if head_request || status < 200 || status == 204 || status == 304 {
+            return answer;
+        }
+        if let Some(n) = answer.field("content-length").map(|v| v.parse::<usize>().unwrap()) {
+            self.fill_until(|b| b.len() >= n).await;
+            let n = n.min(self.buf.len());
+            answer.body = self.buf.drain(..n).collect();
+        } else if answer.field("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            loop {
+                assert!(self.fill_until(|b| b.windows(2).any(|w| w == b"\r\n")).await);
+                let line_end = self.buf.windows(2).position(|w| w == b"\r\n").unwrap();
+                let line = String::from_utf8(self.buf.drain(..line_end + 2).collect()).unwrap();
+                let size = usize::from_str_radix(line.trim_end(), 16).unwrap_or_else(|_| panic!("chunk line {line:?}"));
+                if size == 0 {
+                    assert!(self.fill_until(|b| b.starts_with(b"\r\n")).await, "no end after the last chunk");
+                    self.buf.drain(..2);
+                    break;
+                }
+                assert!(self.fill_until(|b| b.len() >= size + 2).await);
+                answer.body.extend(self.buf.drain(..size));
+                assert_eq!(self.buf.drain(..2).collect::<Vec<_>>(), b"\r\n");
+            }
+        } else {
+            self.fill_until(|_| false).await;
+            answer.body = std::mem::take(&mut self.buf);
+        }
+        answer
+    }
+
+    /// Whether the proxy closes the connection within `within` (nothing else arriving).
+    async fn closed_within(&mut self, within: Duration) -> bool {
+        let mut chunk = [0u8; 1024];
+        matches!(tokio::time::timeout(within, self.s.read(&mut chunk)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+}
+
+#[tokio::test]
+async fn smuggling_shapes_and_malformed_heads_are_400_and_never_forwarded() {
+    let h = Harness::start().await;
+    for raw in [
+        "POST /raw/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /raw/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        "POST /raw/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        "POST /raw/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /raw/x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /raw/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        "POST /raw/x HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
+        "GET /raw/x HTTP/1.1\r\n\r\n",
+        "GET /raw/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET /raw/x HTTP/1.1\r\nHost : a\r\n\r\n",
+        "GET /raw/x HTTP/1.1\r\nHost: a\r\n folded: value\r\n\r\n",
+        "GET /raw/x HTTP/3.0\r\nHost: a\r\n\r\n",
+        "GET /raw/x\r\n\r\n",
+    ] {
+        let before = h.metrics.unmatched().denied(Reason::RequestInvalid);
+        let res = h.raw(raw.as_bytes()).await;
+        assert!(res.starts_with("HTTP/1.1 400"), "{raw:?}: {res}");
+        assert!(res.contains("application/problem+json") && res.contains("request_id"), "{res}");
+        assert!(res.to_ascii_lowercase().contains("connection: close"), "{res}");
+        assert_eq!(h.metrics.unmatched().denied(Reason::RequestInvalid), before + 1, "{raw:?}");
+    }
+    assert!(h.raw.requests().is_empty(), "{:?}", h.raw.requests());
+    // an invalid chunked body is refused too (its head may already be upstream: bodies stream)
+    let res =
+        h.raw(b"POST /raw/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n").await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+}
+
+#[tokio::test]
+async fn request_bodies_are_reframed_by_the_proxy() {
+    let h = Harness::start().await;
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"POST /raw/chunked-in HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=secret\r\nhello\r\n6\r\n world\r\n0\r\nX-Auth-Sub: admin\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    c.send(b"POST /raw/length-in HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello").await;
+    c.send(b" world").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    let seen = h.raw.requests();
+    let chunked = &seen[0];
+    assert!(chunked.contains("transfer-encoding: chunked\r\n"), "{chunked}");
+    assert!(chunked.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "{chunked}");
+    assert!(
+        !chunked.contains("secret") && !chunked.to_ascii_lowercase().contains("x-auth-sub"),
+        "no extensions or trailers: {chunked}"
+    );
+    assert!(!chunked.contains("content-length"), "{chunked}");
+    assert!(seen[1].contains("content-length: 11\r\n") && seen[1].ends_with("\r\n\r\nhello world"), "{}", seen[1]);
+    assert_eq!(h.raw.connections(), 1, "both on one pooled connection");
+
+    // a chunked body over the route's limit is cut off with 413
+    let res = h.raw(b"POST /rawsmall HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n14\r\n01234567890123456789\r\n0\r\n\r\n").await;
+    assert!(res.starts_with("HTTP/1.1 413"), "{res}");
+    assert!(h.metrics.route("raw-small").denied(Reason::BodyTooLarge) >= 1);
+}
+
+#[tokio::test]
+async fn keep_alive_pipelining_and_http10() {
+    let h = Harness::start().await;
+    let mut c = RawClient::connect(&h).await;
+    // two pipelined requests in one write, answered in order on one connection
+    c.send(b"GET /raw/one HTTP/1.1\r\nHost: a\r\n\r\nGET /raw/chunked HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let one = c.answer(false).await;
+    assert_eq!((one.status(), one.body.as_slice()), (200, &b"ok"[..]));
+    assert_eq!(one.field("x-upstream").as_deref(), Some("raw"));
+    assert!(one.field("x-request-id").is_some() && one.field("connection").is_none(), "{}", one.head);
+    let chunked = c.answer(false).await;
+    assert_eq!(chunked.field("transfer-encoding").as_deref(), Some("chunked"));
+    assert_eq!(chunked.body, b"hello world", "re-chunked, extensions and trailers dropped");
+    c.send(b"GET /raw/three HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    assert_eq!(h.raw.connections(), 1);
+    // Connection: close is honoured after the answer
+    c.send(b"GET /raw/four HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.field("connection").as_deref(), Some("close"));
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+
+    // HTTP/1.0: no chunks (the body ends with the connection), keep-alive only when asked
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"GET /raw/chunked HTTP/1.0\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert!(a.field("transfer-encoding").is_none() && a.field("content-length").is_none(), "{}", a.head);
+    assert_eq!(a.body, b"hello world");
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"GET /raw/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.field("connection").as_deref(), Some("keep-alive"));
+    c.send(b"GET /raw/y HTTP/1.0\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.body, b"ok");
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+}
+
+#[tokio::test]
+async fn upstream_answers_of_every_framing() {
+    let h = Harness::start().await;
+    let mut c = RawClient::connect(&h).await;
+    // HEAD: the length of the body it would have had, no body; the connection goes on
+    c.send(b"HEAD /raw/head HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let a = c.answer(true).await;
+    assert_eq!(a.field("content-length").as_deref(), Some("1234"));
+    // informational answers are not relayed
+    c.send(b"GET /raw/hints HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!((a.status(), a.body.as_slice()), (200, &b"ok"[..]), "{}", a.head);
+    // close-delimited: relayed until the close, then the client connection closes too
+    c.send(b"GET /raw/close HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.field("connection").as_deref(), Some("close"));
+    assert_eq!(a.body, b"until the close");
+
+    // broken answers are 502 with a problem body, and counted for the upstream
+    for path in ["/raw/bad-length", "/raw/garbage", "/raw/switch"] {
+        let res = h.raw(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes()).await;
+        assert!(res.starts_with("HTTP/1.1 502"), "{path}: {res}");
+        assert!(res.contains("application/problem+json"), "{res}");
+    }
+    assert!(h.metrics.route("raw").denied(Reason::UpstreamReset) >= 3);
+    // less body than announced: the client connection is cut, never a shorter body as complete
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"GET /raw/truncated HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.field("content-length").as_deref(), Some("10"));
+    assert_eq!(a.body, b"abc");
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+    assert!(h.metrics.upstream("raw").errors(Reason::UpstreamReset) >= 1);
+}
+
+#[tokio::test]
+async fn pooled_connections_the_upstream_closed_are_not_used() {
+    let h = Harness::start().await;
+    let (res, body) = h.get("/raw/drop").await;
+    assert_eq!((res.status(), &body[..]), (StatusCode::OK, &b"ok"[..]));
+    // the upstream closed that connection silently; the next requests go on a new one
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (res, _) = h.send(Request::post(h.url("/raw/after")).body(Full::from("x")).unwrap()).await;
+    assert_eq!(res.status(), StatusCode::OK, "a POST is not retried, so the closed connection was never tried");
+    assert_eq!(h.raw.connections(), 2);
+    // `Connection: close` from the upstream: not pooled either
+    assert_eq!(h.get("/raw/bye").await.1, "bye");
+    assert_eq!(h.get("/raw/next").await.1, "ok");
+    assert_eq!(h.raw.connections(), 3);
+    assert_eq!(h.metrics.upstream("raw").connects(), 3);
+}
+
+#[tokio::test]
+async fn expect_100_continue() {
+    let h = Harness::start().await;
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"POST /raw/expect HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.status(), 100, "{}", a.head);
+    c.send(b"hello").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    let seen = h.raw.requests();
+    assert!(seen[0].ends_with("\r\n\r\nhello") && !seen[0].contains("expect:"), "{}", seen[0]);
+
+    // refused before the body: no 100, and the connection closes (the body may still come)
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"POST /private/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.status(), 401);
+    assert_eq!(a.field("connection").as_deref(), Some("close"));
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+
+    // refused with the body already sent: the connection stays usable
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"POST /private/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello").await;
+    assert_eq!(c.answer(false).await.status(), 401);
+    c.send(b"GET /raw/again HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.body, b"ok");
+}
+
+#[tokio::test]
+async fn slow_heads_and_idle_connections_are_closed() {
+    let h = Harness::with_options(ServerOptions {
+        header_read_timeout: Duration::from_millis(300),
+        keep_alive_timeout: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    })
+    .await;
+    let connections = &h.metrics.connections;
+    // nothing sent
+    let mut c = RawClient::connect(&h).await;
+    assert!(c.closed_within(Duration::from_secs(3)).await);
+    // half a head, then silence
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"GET /raw/x HTTP/1.1\r\nHo").await;
+    assert!(c.closed_within(Duration::from_secs(3)).await);
+    assert_eq!(connections.header_timeouts.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // a request, then idle past the keep-alive timeout
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"GET /raw/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    assert!(c.closed_within(Duration::from_secs(3)).await);
+    assert_eq!(connections.idle_timeouts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(h.raw.requests().len() == 1);
+}
+
+#[tokio::test]
+async fn draining_closes_idle_connections_at_once() {
+    let h = Harness::start().await;
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"GET /raw/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    h.shutdown.cancel();
+    assert!(c.closed_within(Duration::from_millis(500)).await, "an idle keep-alive connection closes on drain");
+}
+
+#[tokio::test]
+async fn an_http1_client_sends_a_body_to_an_http2_upstream() {
+    let h = Harness::start().await;
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"POST /h2/body HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!((a.status(), a.body.as_slice()), (200, &b"ok"[..]), "{}", a.head);
+    c.send(b"PUT /h2/length HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nwxyz").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    let seen = h.upstream.seen_path("/h2/");
+    assert_eq!(seen.len(), 2);
+    assert_eq!((seen[0].version, &seen[0].body[..]), (Version::HTTP_2, &b"abc"[..]));
+    assert_eq!(&seen[1].body[..], b"wxyz");
 }
