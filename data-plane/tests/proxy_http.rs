@@ -876,6 +876,11 @@ async fn smuggling_shapes_and_malformed_heads_are_400_and_never_forwarded() {
         assert_eq!(h.metrics.unmatched().denied(Reason::RequestInvalid), before + 1, "{raw:?}");
     }
     assert!(h.raw.requests().is_empty(), "{:?}", h.raw.requests());
+    // CONNECT is not proxied: an authority-form target is no path
+    let before = h.metrics.unmatched().denied(Reason::PathNotAbsolute);
+    let res = h.raw(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n").await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+    assert_eq!(h.metrics.unmatched().denied(Reason::PathNotAbsolute), before + 1);
     // an invalid chunked body is refused too (its head may already be upstream: bodies stream)
     let res =
         h.raw(b"POST /raw/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n").await;
