@@ -91,7 +91,15 @@ pub struct Connection {
     timer: Timer,
     info: Arc<ConnInfo>,
     shared: Arc<Shared>,
+    /// The client may still be sending bytes the proxy will not read (a refused head, a body
+    /// left unread): close lingering (see [`Connection::serve`]).
+    linger: bool,
 }
+
+/// How long a closing connection keeps reading (and dropping) what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// The most it reads so.
+const LINGER_BYTES: usize = 4 << 20;
 
 impl Connection {
     pub fn new(io: Stream, info: Arc<ConnInfo>, shared: Arc<Shared>) -> Connection {
@@ -105,6 +113,7 @@ impl Connection {
             timer,
             info,
             shared,
+            linger: false,
         }
     }
 
@@ -119,6 +128,7 @@ impl Connection {
                     self.shared.pipeline.record_unparsed(&denial, self.info.peer);
                     let id = self.shared.pipeline.next_request_id();
                     self.answer(&denial, &id, false).await;
+                    self.linger = true;
                     break;
                 }
             };
@@ -137,6 +147,20 @@ impl Connection {
         }
         let at = Instant::now() + Duration::from_secs(1);
         let _ = self.timer.within(at, self.io.shutdown()).await;
+        if self.linger {
+            // Closing a socket with unread bytes in it resets the connection, and a reset can
+            // destroy the answer the client has not read yet (a 413 ahead of a large body).
+            // So, after our FIN: read and drop what still comes, for a little while.
+            let until = Instant::now() + LINGER;
+            let mut dropped = 0;
+            while dropped < LINGER_BYTES {
+                self.rbuf.clear();
+                match self.timer.within(until, self.io.read_buf(&mut self.rbuf)).await {
+                    Ok(Ok(n)) if n > 0 => dropped += n,
+                    _ => break,
+                }
+            }
+        }
         Served::Done
     }
 
@@ -202,9 +226,15 @@ impl Connection {
 
     /// One request, from its head to the end of its response.
     async fn exchange(&mut self, head: RequestHead) -> Next {
-        let RequestHead { parts, framing, keep_alive, expect_continue } = head;
+        let mut body = BodyState::new(head.framing, head.expect_continue);
+        let next = self.exchange_with(head, &mut body).await;
+        self.linger = next == Next::Close && !body.done;
+        next
+    }
+
+    async fn exchange_with(&mut self, head: RequestHead, body: &mut BodyState) -> Next {
+        let RequestHead { parts, framing, keep_alive, .. } = head;
         let pipeline = Arc::clone(&self.shared.pipeline);
-        let mut body = BodyState::new(framing, expect_continue);
         let mut ctx = RequestCtx::new(parts, Arc::clone(&self.info));
         if let Err((stage, denial)) = pipeline.decide(&mut ctx).await {
             pipeline.record_denial(&ctx, stage, &denial);
@@ -233,8 +263,8 @@ impl Connection {
             |h| out.forwarding.write(h),
         );
         let mut client = ClientSide { io: &mut self.io, buf: &mut self.rbuf, timer: &mut self.timer };
-        match client::exchange(&mut client, &out, &mut body, &self.head, &mut self.scratch).await {
-            Ok(exchanged) => self.relay(&pipeline, &ctx, &out, exchanged, &body, keep_alive).await,
+        match client::exchange(&mut client, &out, body, &self.head, &mut self.scratch).await {
+            Ok(exchanged) => self.relay(&pipeline, &ctx, &out, exchanged, body, keep_alive).await,
             Err(ExchangeError::ClientGone) => Next::Close,
             Err(ExchangeError::Denied(denial)) => {
                 pipeline.record_upstream_failure(&ctx, &out, &denial);
@@ -413,7 +443,7 @@ impl Connection {
         pipeline: &Pipeline,
         ctx: &RequestCtx,
         mut out: Outbound,
-        mut body: BodyState,
+        body: &mut BodyState,
         keep_alive: bool,
     ) -> Next {
         let (tx, rx) = mpsc::channel(2);
@@ -424,10 +454,21 @@ impl Connection {
             headers: out.take_headers(),
             body: request_body,
         };
-        let send = pipeline.forwarder().send(&out.route.upstream, &out.state, out.deadline, outgoing);
-        let mut client = ClientSide { io: &mut self.io, buf: &mut self.rbuf, timer: &mut self.timer };
-        let pump = pump_body(&mut client, &mut body, tx, out.deadline);
-        let (result, _) = tokio::join!(send, pump);
+        let result = {
+            let send = pipeline.forwarder().send(&out.route.upstream, &out.state, out.deadline, outgoing);
+            let mut client = ClientSide { io: &mut self.io, buf: &mut self.rbuf, timer: &mut self.timer };
+            let pump = pump_body(&mut client, body, tx, out.deadline);
+            // Both run in this task; once the answer (or the failure) is in, the body no longer
+            // matters: a failed upstream must not wait for a slow client's body.
+            let (mut send, mut pump) = (std::pin::pin!(send), std::pin::pin!(pump));
+            let mut pumping = true;
+            loop {
+                tokio::select! {
+                    r = &mut send => break r,
+                    () = &mut pump, if pumping => pumping = false,
+                }
+            }
+        };
         let mut response = match result {
             Ok(r) if r.status() != StatusCode::SWITCHING_PROTOCOLS => r,
             Ok(_) => {
