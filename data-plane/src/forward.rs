@@ -648,7 +648,7 @@ pub struct ForwardingFields {
     proto: Option<&'static str>,
     /// `None`: none to set (no host, or the trusted peer's own stays).
     host: Option<HeaderValue>,
-    /// The whole `Forwarded` value; empty: none (an unrepresentable chain was dropped).
+    /// The whole `Forwarded` value (visible ASCII and what field values may hold).
     forwarded: SmallVec<[u8; 128]>,
     /// `None`: `X-Request-Id` is not the caller's business.
     request_id: Option<HeaderValue>,
@@ -716,9 +716,8 @@ pub fn forwarding_fields(
     if let Some(host) = host {
         push_forwarded_host(&mut forwarded, host);
     }
-    if HeaderValue::from_bytes(&forwarded).is_err() {
-        forwarded.clear();
-    }
+    // Valid by construction: field values (the chain, the host) joined by ", " and ";", and
+    // our own formatting of an address; `apply` checks again when it makes a `HeaderValue`.
     ForwardingFields {
         xff: origin.xff.clone(),
         proto: (!keep_proto).then_some(proto),
