@@ -46,8 +46,11 @@ const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How many reused connections a request may find closed before it connects afresh.
 const MAX_STALE: usize = 4;
-/// Read buffers grow by this much when full.
+/// Read buffers grow by this much when full (a body on its way).
 pub const READ_CHUNK: usize = 16 * 1024;
+/// What a connection's buffers start with, and shrink back to between messages when a large
+/// one made them grow: an idle keep-alive connection holds a few KiB, not a body's worth.
+pub const SMALL_BUF: usize = 4 * 1024;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -63,7 +66,7 @@ pub struct UpstreamConn {
 
 impl UpstreamConn {
     fn new(io: Stream) -> UpstreamConn {
-        UpstreamConn { io, buf: BytesMut::with_capacity(READ_CHUNK), reused: false }
+        UpstreamConn { io, buf: BytesMut::with_capacity(SMALL_BUF), reused: false }
     }
 
     /// No close (or stray bytes) pending, as far as the reactor knows.
@@ -109,6 +112,9 @@ impl IdlePool {
     pub fn put(&self, mut conn: UpstreamConn) {
         if !conn.buf.is_empty() {
             return;
+        }
+        if conn.buf.capacity() > READ_CHUNK {
+            conn.buf = BytesMut::with_capacity(SMALL_BUF);
         }
         conn.reused = true;
         let now = std::time::Instant::now();

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
-use super::client::{self, BodyState, ClientSide, ExchangeError, Exchanged, IoFault, READ_CHUNK, write_two};
+use super::client::{self, BodyState, ClientSide, ExchangeError, Exchanged, IoFault, READ_CHUNK, SMALL_BUF, write_two};
 use super::wire::{self, ChunkedDecoder, Framing, HeadError, RequestHead, ResponseExtras};
 use super::{Rewind, Stream, TimedOut, Timer};
 use crate::denial::{BadGateway, Denial};
@@ -106,8 +106,8 @@ impl Connection {
         let timer = Timer::new(Instant::now() + shared.header_read_timeout);
         Connection {
             io,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: Vec::with_capacity(4096),
+            rbuf: BytesMut::with_capacity(SMALL_BUF),
+            wbuf: Vec::with_capacity(SMALL_BUF),
             head: Vec::with_capacity(1024),
             scratch: Vec::new(),
             timer,
@@ -167,8 +167,15 @@ impl Connection {
     /// Reads the next request head. Waiting for its first byte, the connection is idle: it may
     /// close on drain or after the keep-alive timeout.
     async fn read_head(&mut self, first: bool) -> Incoming {
-        let Connection { io, rbuf, timer, shared, info, .. } = self;
+        let Connection { io, rbuf, wbuf, timer, shared, info, .. } = self;
         let mut idle = !first && rbuf.is_empty();
+        if idle && rbuf.capacity() > READ_CHUNK {
+            // A large message made them grow; between requests they shrink back.
+            *rbuf = BytesMut::with_capacity(SMALL_BUF);
+        }
+        if wbuf.capacity() > READ_CHUNK {
+            *wbuf = Vec::with_capacity(SMALL_BUF);
+        }
         let now = Instant::now();
         timer.set(now + if idle { shared.keep_alive_timeout } else { shared.header_read_timeout });
         let mut drain = pin!(shared.shutdown.cancelled());
