@@ -258,7 +258,9 @@ impl Connection {
         };
         body.limit = out.body_limit;
         if out.route.upstream.http2 {
-            return self.via_hyper(&pipeline, &ctx, out, body, keep_alive).await;
+            // Boxed: hyper's client future is large, and HTTP/2 upstreams are the rarer case;
+            // inline it would grow every connection's future by kilobytes.
+            return Box::pin(self.via_hyper(&pipeline, &ctx, out, body, keep_alive)).await;
         }
         self.head.clear();
         wire::write_request_head(
@@ -317,7 +319,7 @@ impl Connection {
         head.write_head(&conn.buf, &mut self.wbuf, &extras);
         conn.buf.advance(head.len);
         if switching {
-            return self.tunnel(conn, out).await;
+            return Box::pin(self.tunnel(conn, out)).await;
         }
         let idle = out.route.plan.timeout;
         match self.relay_body(&mut conn, head.framing, framing, idle).await {
@@ -624,5 +626,34 @@ async fn pump_body(client: &mut ClientSide<'_>, body: &mut BodyState, tx: mpsc::
         if body.continue_if_expected(client.io).await.is_err() || client.read_more(deadline).await.is_err() {
             return;
         }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every open connection holds its task's future: the rare paths (HTTP/2 upstreams,
+    /// tunnels, introspection) are boxed so that an idle keep-alive connection stays small.
+    #[tokio::test]
+    async fn a_connection_future_stays_small() {
+        fn size_of<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let pipeline = Arc::new(Pipeline::new(crate::snapshot::new_handle(), Default::default(), Default::default()));
+        let shared = Arc::new(Shared {
+            pipeline,
+            max_header_bytes: 8192,
+            header_read_timeout: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_secs(1),
+            shutdown: CancellationToken::new(),
+            detect_h2: true,
+        });
+        let info = Arc::new(ConnInfo::new(addr, false));
+        let serve = Connection::new(Stream::Plain(stream), info, shared).serve();
+        let size = size_of(&serve);
+        assert!(size <= 5 * 1024, "the connection future grew to {size} bytes");
     }
 }
