@@ -1058,6 +1058,20 @@ async fn slow_heads_and_idle_connections_are_closed() {
 }
 
 #[tokio::test]
+async fn a_connection_idle_long_enough_to_give_its_buffers_back_still_serves() {
+    let h = Harness::start().await;
+    let mut c = RawClient::connect(&h).await;
+    c.send(b"GET /raw/before HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    c.send(b"GET /raw/chunked HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.body, b"hello world");
+    c.send(b"POST /raw/after HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    assert!(h.raw.requests()[2].ends_with("2\r\nhi\r\n0\r\n\r\n"));
+}
+
+#[tokio::test]
 async fn draining_closes_idle_connections_at_once() {
     let h = Harness::start().await;
     let mut c = RawClient::connect(&h).await;

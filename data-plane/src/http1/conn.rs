@@ -96,6 +96,8 @@ pub struct Connection {
     linger: bool,
 }
 
+/// How long a keep-alive connection waits for its next request before it gives its buffers back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 /// How long a closing connection keeps reading (and dropping) what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
 /// The most it reads so.
@@ -167,7 +169,7 @@ impl Connection {
     /// Reads the next request head. Waiting for its first byte, the connection is idle: it may
     /// close on drain or after the keep-alive timeout.
     async fn read_head(&mut self, first: bool) -> Incoming {
-        let Connection { io, rbuf, wbuf, timer, shared, info, .. } = self;
+        let Connection { io, rbuf, wbuf, head: head_buf, scratch, timer, shared, info, .. } = self;
         let mut idle = !first && rbuf.is_empty();
         if idle && rbuf.capacity() > READ_CHUNK {
             // A large message made them grow; between requests they shrink back.
@@ -177,7 +179,11 @@ impl Connection {
             *wbuf = Vec::with_capacity(SMALL_BUF);
         }
         let now = Instant::now();
-        timer.set(now + if idle { shared.keep_alive_timeout } else { shared.header_read_timeout });
+        let mut at = now + if idle { shared.keep_alive_timeout } else { shared.header_read_timeout };
+        // An idle connection that stays idle gives its buffers back (a few KiB each, for every
+        // open keep-alive connection); a busy one never waits that long.
+        let mut release = (idle && IDLE_RELEASE < shared.keep_alive_timeout).then(|| now + IDLE_RELEASE);
+        timer.set(release.map_or(at, |r| r.min(at)));
         let mut drain = pin!(shared.shutdown.cancelled());
         loop {
             if !rbuf.is_empty() {
@@ -198,11 +204,13 @@ impl Connection {
                 }
                 if idle {
                     idle = false;
-                    timer.set(Instant::now() + shared.header_read_timeout);
+                    release = None;
+                    at = Instant::now() + shared.header_read_timeout;
+                    timer.set(at);
                 }
             }
             if rbuf.capacity() - rbuf.len() < 1024 {
-                rbuf.reserve(READ_CHUNK);
+                rbuf.reserve(if rbuf.capacity() == 0 { SMALL_BUF } else { READ_CHUNK });
             }
             let mut read = pin!(io.read_buf(rbuf));
             let step = std::future::poll_fn(|cx| {
@@ -219,6 +227,14 @@ impl Connection {
                 Some(Ok(0)) | None => return Incoming::Closed,
                 Some(Ok(_)) => {}
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if release.take().is_some() && Instant::now() < at {
+                        *rbuf = BytesMut::new();
+                        *wbuf = Vec::new();
+                        *head_buf = Vec::new();
+                        *scratch = Vec::new();
+                        timer.set(at);
+                        continue;
+                    }
                     let metrics = &shared.pipeline.metrics().connections;
                     if idle { &metrics.idle_timeouts } else { &metrics.header_timeouts }.fetch_add(1, Relaxed);
                     return Incoming::Closed;
