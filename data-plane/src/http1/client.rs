@@ -302,7 +302,9 @@ impl ClientSide<'_> {
             Ok(Ok(0)) => Err(AttemptError::ClientClosed),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(AttemptError::Client(e)),
-            Err(TimedOut) => Err(AttemptError::TimedOut(Deadline::Request)),
+            // A client too slow with its body within the route's deadline: its problem, not
+            // the upstream's (no 504, no upstream error counted).
+            Err(TimedOut) => Err(AttemptError::Client(io::ErrorKind::TimedOut.into())),
         }
     }
 }
