@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Portcullis as the gateway under test of the shared peer benchmark (../shared/bench/peers.sh):
 #
-#   cargo build --release --bins
+#   cargo build --profile dist --bins   (or --release: used when target/dist has none)
 #   GATEWAY_CMD='scripts/bench-gateway.sh' GATEWAY_AUTH=none bash ../shared/bench/peers.sh
 #
 # peers.sh runs this from the project root, pinned to the CPU under test, with BENCH_GATEWAY_PORT,
 # BENCH_UPSTREAM and BENCH_TMP exported (see `peers.sh --help`); it pins, this script does not.
-# It starts, from target/release:
+# It starts, from target/dist (else target/release):
 #   - the control plane on its embedded store (in a fresh dir under $BENCH_TMP, admin API and
 #     proxy listener on ephemeral loopback ports, read back from its log), with a bootstrap token;
 #   - ONE proxy with --worker-threads 1 on 127.0.0.1:$BENCH_GATEWAY_PORT;
@@ -44,7 +44,9 @@ fi
 BENCH_UPSTREAM=${BENCH_UPSTREAM%/}
 BENCH_TMP=${BENCH_TMP:-${TMPDIR:-/tmp}}
 
-bin=target/release
+bin=${PORTCULLIS_BIN_DIR:-target/dist}
+[ -x "$bin/portcullis-proxy" ] || bin=target/release
+echo "$(basename "$0"): binaries from $bin" >&2
 for b in portcullis-control-plane portcullis-proxy portctl; do
   [ -x "$bin/$b" ] || die "$bin/$b not found: run 'cargo build --release --bins' first"
 done

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Instructions per proxied request, deterministically: the release proxy (one worker) under
+# Instructions per proxied request, deterministically: the dist proxy (one worker) under
 # callgrind in front of an nginx upstream answering `200 ok` (as in ../shared/bench/peers.sh),
 # counters zeroed after a warm-up, then N keep-alive requests (h2load --h1, 64 connections).
 # Wall-clock rps on a shared machine is noisy; these counts move by about 0.2% between runs.
 #
-#   cargo build --release --bins
+#   cargo build --profile dist --bins   (or --release: used when target/dist has none)
 #   scripts/callgrind-proxy.sh [N]          # default N = 20000
 #
 # Needs valgrind (callgrind_control), nginx, h2load, curl. Ports PORTCULLIS_PROF_BASE..+11
@@ -14,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20000}
 base=${PORTCULLIS_PROF_BASE:-28180}
-bin=target/release
+bin=${PORTCULLIS_BIN_DIR:-target/dist}
+[ -x "$bin/portcullis-proxy" ] || bin=target/release
+echo "$(basename "$0"): binaries from $bin" >&2
 for b in portcullis-control-plane portcullis-proxy portctl; do
   [ -x "$bin/$b" ] || { echo "$bin/$b not found: run 'cargo build --release --bins' first" >&2; exit 1; }
 done
