@@ -888,6 +888,29 @@ mod tests {
             prop_assert_eq!(out, chunks.concat());
         }
 
+        /// Arbitrary heads never panic the parsers; a request head that parses leaves the bytes
+        /// after it in the buffer, and a response head never claims more than it was given.
+        #[test]
+        fn arbitrary_heads_are_parsed_or_refused(
+            line in "((GET|POST|HEAD|PRI|get) [ -~]{0,12} HTTP/1\\.[01]|HTTP/1\\.[01] [0-9]{3} [ -~]{0,8})\r\n",
+            fields in proptest::collection::vec("[ -~]{0,20}(\r\n|\n)", 0..6),
+            tail in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut raw = line.into_bytes();
+            for f in &fields {
+                raw.extend_from_slice(f.as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            raw.extend_from_slice(&tail);
+            let mut buf = BytesMut::from(&raw[..]);
+            if let Ok(Some(_)) = parse_request(&mut buf, 1024) {
+                prop_assert!(raw.ends_with(&buf));
+            }
+            if let Ok(Some(head)) = parse_response(&raw, false) {
+                prop_assert!(head.len <= raw.len());
+            }
+        }
+
         /// Arbitrary bytes never panic the decoder, and it never claims more than it was given.
         #[test]
         fn arbitrary_bytes_are_decoded_or_refused(input in proptest::collection::vec(any::<u8>(), 0..200)) {
