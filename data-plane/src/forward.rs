@@ -351,12 +351,9 @@ impl Forwarder {
         });
         let version = if upstream.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
         let mut body = Some(body);
-        let mut tried: SmallVec<[usize; MAX_RETRIES + 1]> = SmallVec::new();
+        let mut attempts = Attempts::new(retryable);
         let mut outcome = Denial::BadGateway(denial::BadGateway::ConnectFailed);
-        for attempt in 0..=MAX_RETRIES {
-            let Some(i) = state.pick(upstream.load_balancing, &tried) else { break };
-            tried.push(i);
-            let last = !retryable || attempt == MAX_RETRIES || tried.len() == state.endpoints.len();
+        while let Some(Attempt { number: attempt, endpoint: i, last }) = attempts.next(state, upstream) {
             let endpoint = &state.endpoints[i];
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(if tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP });
@@ -395,6 +392,40 @@ impl Forwarder {
             outcome = denial;
         }
         Err(outcome)
+    }
+}
+
+/// The attempts of one request: which endpoint each goes to (never one already tried), and
+/// whether it is the last one allowed (`retryable`: another endpoint may be tried after a
+/// connect failure). Shared by the HTTP/1 engine and the hyper path.
+#[derive(Debug)]
+pub struct Attempts {
+    tried: SmallVec<[usize; MAX_RETRIES + 1]>,
+    retryable: bool,
+}
+
+/// One attempt: its number, the endpoint's index, and whether no retry may follow it.
+#[derive(Clone, Copy, Debug)]
+pub struct Attempt {
+    pub number: usize,
+    pub endpoint: usize,
+    pub last: bool,
+}
+
+impl Attempts {
+    pub fn new(retryable: bool) -> Attempts {
+        Attempts { tried: SmallVec::new(), retryable }
+    }
+
+    pub fn next(&mut self, state: &UpstreamState, upstream: &Upstream) -> Option<Attempt> {
+        let number = self.tried.len();
+        if number > MAX_RETRIES {
+            return None;
+        }
+        let endpoint = state.pick(upstream.load_balancing, &self.tried)?;
+        self.tried.push(endpoint);
+        let last = !self.retryable || number == MAX_RETRIES || self.tried.len() == state.endpoints.len();
+        Some(Attempt { number, endpoint, last })
     }
 }
 

@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use http::Method;
-use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -36,7 +35,7 @@ use tracing::debug;
 use super::wire::{self, ChunkError, ChunkedDecoder, Framing, ResponseError, ResponseHead};
 use super::{Stream, TimedOut, Timer};
 use crate::denial::{self, Denial, Reason};
-use crate::forward::{self, ConnectError, Failure, MAX_RETRIES};
+use crate::forward::{self, Attempt, Attempts, ConnectError, Failure};
 use crate::pipeline::Outbound;
 use crate::upstream::{Endpoint, TlsSettings};
 
@@ -378,12 +377,9 @@ pub async fn exchange(
     let resendable = idempotent && body.framing.is_empty();
     let retryable = resendable && state.endpoints.len() > 1;
     let head_request = out.method == Method::HEAD;
-    let mut tried: SmallVec<[usize; MAX_RETRIES + 1]> = SmallVec::new();
+    let mut attempts = Attempts::new(retryable);
     let mut outcome = Denial::BadGateway(denial::BadGateway::ConnectFailed);
-    for attempt in 0..=MAX_RETRIES {
-        let Some(i) = state.pick(upstream.load_balancing, &tried) else { break };
-        tried.push(i);
-        let last = !retryable || attempt == MAX_RETRIES || tried.len() == state.endpoints.len();
+    while let Some(Attempt { number: attempt, endpoint: i, last }) = attempts.next(state, upstream) {
         let endpoint = &state.endpoints[i];
         let _in_flight = state.start(i);
         let mut stale = 0;
