@@ -6,14 +6,24 @@
 //!
 //! It prints figures; it asserts nothing (that is what the tests are for). Target: at most 1 µs
 //! per lookup at 100k routes, and flat as the table grows.
+//!
+//! Wall-clock figures on a shared machine move with its neighbours' load; for a figure that
+//! does not, `ROUTE_MATCH_COUNT="N K"` runs K lookups on the N-route table without criterion,
+//! to be counted under valgrind (instructions, cache misses), K against 0:
+//! `ROUTE_MATCH_COUNT="100000 20000" valgrind --tool=cachegrind --cache-sim=yes BENCH_BINARY`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group};
 use portcullis_data_plane::router::{Lookup, RouteTable};
 use portcullis_shared::model::{PathMatch, PathRewrite, Route, Segment};
 use portcullis_shared::path::normalize;
+
+/// The proxy's allocator (see `main.rs`): where the table's nodes land, and so how many cache
+/// lines a lookup touches, depends on it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Requests per table: far more distinct routes than a CPU cache line set can keep warm.
 const REQUESTS: usize = 16_384;
@@ -128,6 +138,21 @@ fn request_for(r: &Route, rng: &mut Rng) -> (String, &'static str, String) {
     (host, method, path)
 }
 
+/// The requests a table of `routes` is looked up with: nine in ten aim at a random route, one
+/// in ten misses (404).
+fn requests(routes: &[Route], rng: &mut Rng) -> Vec<(String, &'static str, String)> {
+    let n = routes.len();
+    (0..REQUESTS)
+        .map(|i| {
+            if i % 10 == 9 {
+                ("api.example.com".into(), "GET", format!("/api/v1/svc{}/missing{i}", rng.below(n / 16 + 1)))
+            } else {
+                request_for(&routes[rng.below(n)], rng)
+            }
+        })
+        .collect()
+}
+
 fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -144,16 +169,7 @@ fn bench_lookup(c: &mut Criterion) {
         let table = RouteTable::build(&routes);
         let built = start.elapsed();
         let grown = before.zip(rss_kib()).map(|(b, a)| a.saturating_sub(b) * 1024 / n as u64);
-        // Nine in ten requests aim at a random route; one in ten misses (404).
-        let requests: Vec<(String, &str, String)> = (0..REQUESTS)
-            .map(|i| {
-                if i % 10 == 9 {
-                    ("api.example.com".into(), "GET", format!("/api/v1/svc{}/missing{i}", rng.below(n / 16 + 1)))
-                } else {
-                    request_for(&routes[rng.below(n)], &mut rng)
-                }
-            })
-            .collect();
+        let requests = requests(&routes, &mut rng);
         let found = requests.iter().filter(|(h, m, p)| matches!(table.lookup(h, m, p), Lookup::Found(_))).count();
         println!(
             "lookup/{n}: build {built:?}, ~{} B/route resident, {found}/{REQUESTS} requests found",
@@ -225,4 +241,30 @@ fn config() -> Criterion {
 }
 
 criterion_group! { name = benches; config = config(); targets = bench_lookup, bench_update, bench_normalize }
-criterion_main!(benches);
+/// `ROUTE_MATCH_COUNT="N K"`: build the N-route table, do K of the bench's lookups and exit,
+/// without criterion. For counting instructions and cache misses under valgrind (a figure the
+/// shared machine's load does not move): run it with K and with 0 and subtract.
+fn count(spec: &str) {
+    let mut words = spec.split_whitespace().map(|w| w.parse::<usize>().unwrap_or(0));
+    let (n, k) = (words.next().unwrap_or(0).max(1), words.next().unwrap_or(0));
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+    let routes: Vec<Route> = (0..n).map(|i| route(i, &mut rng)).collect();
+    let table = RouteTable::build(&routes);
+    let requests = requests(&routes, &mut rng);
+    let found = (0..k)
+        .filter(|i| {
+            let (host, method, path) = &requests[i % REQUESTS];
+            matches!(table.lookup(black_box(host), method, path), Lookup::Found(_))
+        })
+        .count();
+    println!("{n} routes, {k} lookups: {found} found");
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("ROUTE_MATCH_COUNT") {
+        count(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -2,8 +2,8 @@
 //! shared read-only by every request to find the route for a (host, method, path).
 //!
 //! Shape: host buckets — exact hosts in a hash map, wildcard hosts (`*.example.com`) in a hash
-//! map keyed by their suffix and probed label by label, and one any-host bucket. A bucket holds
-//! its exact routes in a hash map keyed by the whole path, and a segment trie for prefix and
+//! map keyed by their suffix and probed label by label, and one any-host bucket. A bucket has
+//! its exact routes, found by one probe for the whole path, and a segment trie for prefix and
 //! template routes: literal children by segment, at most one parameter child, and the routes
 //! that end on each node. A lookup costs one probe for the exact path plus one per path segment
 //! in each bucket it tries, whatever the number of routes. Where templates overlap (a literal
@@ -17,12 +17,25 @@
 //! lists the method beats one that allows any method, then the smaller name, then the smaller
 //! index.
 //!
-//! Versions share structure: maps are [`CowMap`]s and trie children sit behind `Arc`s, so a
-//! clone of the table is cheap and [`RouteTable::insert`] / [`RouteTable::remove`] on it copy
-//! only the nodes on the route's path and the map shards they touch. A one-route config change
-//! costs microseconds whatever the number of routes, and a table changed that way answers every
-//! lookup exactly as one built from scratch (the proptests hold both to a linear reference).
-//! The price is one pointer more per trie level on lookups.
+//! Layout, for the cache: every bucket's trie lives in one flat structure. Nodes sit in a pool
+//! and are named by index; the literal edges of *all* nodes are one open-addressing index
+//! ([`IndexTable`]) keyed by (parent, segment) whose 8-byte slots hold hash bits and the
+//! child's index, and the exact paths of all buckets are another keyed by (bucket, path),
+//! pointing into a pool of entry lists. An edge probe reads one slot line, then the child node
+//! it verifies against (one line, aligned), which is the node the walk needs next anyway; a
+//! node with a single child names it and is not probed at all. No per-node table, no pointer
+//! per level: at 100k routes the indexes stay in cache and a lookup touches about half the
+//! lines the per-node maps did. A lookup that finds nothing has seen, in the same walk, every
+//! route matching host and path whatever the method, which tells a 405 from a 404 without a
+//! second pass; template parameters are read from the path only when asked for.
+//!
+//! Versions share structure: the pools are chunks of 64 elements behind `Arc`s (a clone copies
+//! one pointer per chunk, a change copies the chunks it touches) and the two indexes are flat
+//! arrays of `u64`, copied with the version (about 27 µs at 10k routes, 180 µs at 100k, for a
+//! clone plus a one-route insert and removal). [`RouteTable::insert`] /
+//! [`RouteTable::remove`] on a clone touch only the route's own nodes. A table changed that way
+//! answers every lookup exactly as one built from scratch (the proptests hold both to a linear
+//! reference).
 //!
 //! What it must not do: allocate or build strings on the lookup path (host lowercasing uses a
 //! stack buffer, parameters a small inline vector), scan routes linearly, or interpret the path:
@@ -31,6 +44,7 @@
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::ops::BitOr;
 use std::sync::Arc;
 
@@ -40,14 +54,13 @@ use smallvec::{SmallVec, smallvec};
 
 use crate::cow::CowMap;
 
-/// Children, exact paths and host buckets by name, shared between versions (see
-/// [`CowMap`]: foldhash, since the keys come from the configuration, never from requests).
-/// `N`: the longest name kept inline (see [`Name`]).
+/// Host buckets by name, shared between versions (see [`CowMap`]: foldhash, since the keys
+/// come from the configuration, never from requests). `N`: the longest name kept inline.
 type Map<V, const N: usize = 22> = CowMap<Name<N>, V>;
 
 /// A map key: inline up to `N` bytes, so that the probe that finds it compares it in the same
-/// cache line instead of following a pointer (on a large table, that pointer is a cache miss
-/// on every level of the walk). Compared and hashed as bytes, so lookups use `&[u8]`.
+/// cache line instead of following a pointer (on a large table, that pointer is a cache miss).
+/// Compared and hashed as bytes, so lookups use `&[u8]`.
 #[derive(Debug, Clone)]
 enum Name<const N: usize> {
     Inline { len: u8, bytes: [u8; N] },
@@ -158,19 +171,34 @@ impl fmt::Debug for MethodSet {
 pub type Params<'t, 'p> = SmallVec<[(&'t str, &'p str); 4]>;
 
 /// The route a request matched.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct RouteMatch<'t, 'p> {
     /// Index of the route in the order given to [`RouteTable::build`].
     pub route: usize,
-    /// Template parameters in path order; empty for exact and prefix routes.
-    pub params: Params<'t, 'p>,
+    entry: &'t Entry,
+    /// The path without its leading '/'.
+    rest: &'p str,
 }
 
-impl<'p> RouteMatch<'_, 'p> {
+impl<'t, 'p> RouteMatch<'t, 'p> {
+    /// Template parameters in path order; empty for exact and prefix routes. Read from the
+    /// path when asked for: a lookup whose caller only wants the route does not pay for them.
+    pub fn params(&self) -> Params<'t, 'p> {
+        params(self.entry, self.rest)
+    }
+
     pub fn param(&self, name: &str) -> Option<&'p str> {
-        self.params.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+        self.params().iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
 }
+
+impl PartialEq for RouteMatch<'_, '_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.route == other.route && self.params() == other.params()
+    }
+}
+
+impl Eq for RouteMatch<'_, '_> {}
 
 /// The outcome of a lookup.
 #[derive(Debug, PartialEq, Eq)]
@@ -239,31 +267,246 @@ fn pick(list: &[Entry], method: Option<MethodSet>) -> Option<&Entry> {
     list.iter().find(|e| e.allows(method))
 }
 
-/// The routes of one host bucket.
-#[derive(Debug, Default, Clone)]
-struct Bucket {
-    /// Exact routes by their whole path: one probe finds them, and they need no trie nodes,
-    /// which keeps the trie (walked for every other lookup) small and cache-friendly.
-    exact: Map<Entries, 46>,
-    /// Prefix and template routes.
-    root: Node,
+/// No node, no entry list: the "null" index.
+const NONE: u32 = u32::MAX;
+
+/// The any-host bucket: always there, and always the last one a lookup tries.
+const ANY_HOST: u32 = 0;
+
+/// For the edge and exact-path tables: keys come from the configuration; a request only picks
+/// which slot to look at, so it cannot lengthen a probe.
+const HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x726f_7574_6573_2121);
+
+/// The hash of some bytes, before the index that keys them is mixed in (see [`keyed`]): a
+/// lookup hashes its path once, whatever the number of buckets it probes.
+#[inline]
+fn bytes_hash(bytes: &[u8]) -> u64 {
+    let mut h = HASHER.build_hasher();
+    h.write(bytes);
+    h.finish()
 }
 
-impl Bucket {
+/// Mixes an index (a parent node, a bucket) into a bytes hash with a folded multiply, so that
+/// both the low bits (hashbrown's slot) and the top seven (its tag) depend on every bit.
+#[inline]
+fn keyed(hash: u64, index: u32) -> u64 {
+    let p = u128::from(hash ^ u64::from(index)) * 0x9e37_79b9_7f4a_7c15;
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+fn edge_hash(parent: u32, segment: &[u8]) -> u64 {
+    keyed(bytes_hash(segment), parent)
+}
+
+fn exact_hash(bucket: u32, path: &[u8]) -> u64 {
+    keyed(bytes_hash(path), bucket)
+}
+
+/// A hash index from configuration keys to pool indexes: open addressing with linear probing
+/// over one flat array of 8-byte slots, each the key hash's top 32 bits (which also pick the
+/// slot to start from) and the value plus one (0 is an empty slot). A probe reads one cache
+/// line, where a table with separate control bytes and slots reads two; a hit is verified by
+/// the caller against the element the value names, which it reads next anyway. At most three
+/// quarters full, so a probe ends; removal shifts back the entries after it (no tombstones).
+/// Growing needs no rehash of the keys, only their slots. Cloning copies the array.
+#[derive(Clone, Default)]
+struct IndexTable {
+    slots: Vec<u64>,
+    len: usize,
+}
+
+impl IndexTable {
+    fn len(&self) -> usize {
+        self.len
+    }
+
     fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.root.is_empty()
+        self.len == 0
+    }
+
+    fn home(slot: u64, mask: usize) -> usize {
+        usize::try_from(slot >> 32).unwrap_or(0) & mask
+    }
+
+    /// The value under `hash` for which `eq` holds.
+    #[inline]
+    fn find(&self, hash: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
+        let mask = self.slots.len().checked_sub(1)?;
+        let tag = hash >> 32;
+        let mut i = IndexTable::home(hash, mask);
+        loop {
+            let slot = *self.slots.get(i)?;
+            if slot == 0 {
+                return None;
+            }
+            if slot >> 32 == tag {
+                let value = (slot as u32).wrapping_sub(1);
+                if eq(value) {
+                    return Some(value);
+                }
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Adds `value` under `hash`; the caller has checked that it is not there.
+    fn insert(&mut self, hash: u64, value: u32) {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            let size = (self.slots.len() * 2).max(16);
+            for slot in std::mem::replace(&mut self.slots, vec![0; size]) {
+                if slot != 0 {
+                    self.place(slot);
+                }
+            }
+        }
+        self.place((hash >> 32 << 32) | (u64::from(value) + 1));
+        self.len += 1;
+    }
+
+    fn place(&mut self, slot: u64) {
+        let mask = self.slots.len() - 1;
+        let mut i = IndexTable::home(slot, mask);
+        while let Some(taken) = self.slots.get_mut(i) {
+            if *taken == 0 {
+                *taken = slot;
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Takes `value` out from under `hash`; false if it is not there.
+    fn remove(&mut self, hash: u64, value: u32) -> bool {
+        let Some(mask) = self.slots.len().checked_sub(1) else {
+            return false;
+        };
+        let wanted = (hash >> 32 << 32) | (u64::from(value) + 1);
+        let mut hole = IndexTable::home(hash, mask);
+        loop {
+            match self.slots.get(hole) {
+                Some(&slot) if slot == wanted => break,
+                Some(&slot) if slot != 0 => hole = (hole + 1) & mask,
+                _ => return false,
+            }
+        }
+        // Shift back every entry of the run after the hole that may sit there: one whose home
+        // is not between the hole and where it is.
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let slot = self.slots.get(j).copied().unwrap_or(0);
+            if slot == 0 {
+                break;
+            }
+            let home = IndexTable::home(slot, mask);
+            if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
+                if let Some(h) = self.slots.get_mut(hole) {
+                    *h = slot;
+                }
+                hole = j;
+            }
+        }
+        if let Some(h) = self.slots.get_mut(hole) {
+            *h = 0;
+        }
+        self.len -= 1;
+        true
     }
 }
 
-/// A trie node, kept to one cache line: what only some nodes carry is behind a pointer.
-/// Children are shared between versions: a change copies the nodes on its path only.
+/// Pool indexes are `u32`: a configuration with four billion nodes does not fit in memory.
+fn id(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(NONE)
+}
+
+/// Elements per chunk of a [`Pool`].
+const POOL_CHUNK: usize = 64;
+
+/// Elements named by index, with a free list so that indexes stay stable while others come
+/// and go (the hash tables hold them). Freed elements are reset to their default. Stored in
+/// fixed chunks shared between versions: reading one costs the chunk pointer (the pointers
+/// are few enough to stay in cache) and the element, in the same allocation as the chunk's
+/// reference counts; a change copies the chunk it touches, a clone one pointer per chunk.
+#[derive(Clone, Default)]
+struct Pool<T> {
+    chunks: Vec<Arc<[T; POOL_CHUNK]>>,
+    len: usize,
+    free: Vec<u32>,
+}
+
+impl<T: Clone + Default> Pool<T> {
+    #[inline]
+    fn get(&self, at: u32) -> Option<&T> {
+        let at = usize::try_from(at).ok()?;
+        self.chunks.get(at / POOL_CHUNK)?.get(at % POOL_CHUNK)
+    }
+
+    fn get_mut(&mut self, at: u32) -> Option<&mut T> {
+        let at = usize::try_from(at).ok()?;
+        Arc::make_mut(self.chunks.get_mut(at / POOL_CHUNK)?).get_mut(at % POOL_CHUNK)
+    }
+
+    fn alloc(&mut self, value: T) -> u32 {
+        let at = match self.free.pop() {
+            Some(at) => at,
+            None => {
+                if self.len.is_multiple_of(POOL_CHUNK) {
+                    self.chunks.push(Arc::new(std::array::from_fn(|_| T::default())));
+                }
+                self.len += 1;
+                id(self.len - 1)
+            }
+        };
+        if let Some(slot) = self.get_mut(at) {
+            *slot = value;
+        }
+        at
+    }
+
+    fn release(&mut self, at: u32) {
+        if let Some(slot) = self.get_mut(at) {
+            *slot = T::default();
+            self.free.push(at);
+        }
+    }
+
+    /// Elements in use.
+    fn live(&self) -> usize {
+        self.len - self.free.len()
+    }
+}
+
+/// The routes of one host bucket: where its trie starts, and counts that say what it holds.
 #[derive(Debug, Default, Clone)]
+struct Bucket {
+    root: u32,
+    /// Exact paths with routes in this bucket: none, and a lookup skips the exact probe.
+    exact: u32,
+    /// Route entries in the bucket; at zero, an exact-host or wildcard bucket goes.
+    routes: u32,
+}
+
+/// A trie node, kept to one cache line and aligned on one: the walk reads every field of the
+/// nodes it passes, and an unaligned node would straddle two lines three times in four.
+#[derive(Debug, Clone)]
+#[repr(align(64))]
 struct Node {
-    literals: Map<Arc<Node>>,
+    /// The literal segment on the edge into this node (empty for roots and parameter
+    /// children): an edge probe verifies its hit against it and `parent`.
+    segment: Name<22>,
+    parent: u32,
     /// Matches any one non-empty segment; parameter names live in the template entries, so
     /// `/users/{id}` and `/users/{uid}` share this child.
-    param: Option<Arc<Node>>,
-    ends: Option<Box<Ends>>,
+    param: u32,
+    /// Index of the routes ending here in [`RouteTable::ends`], or [`NONE`].
+    ends: u32,
+    /// Literal children (edges in [`RouteTable::edges`] from this node): none, and the walk
+    /// does not probe.
+    literals: u32,
+    /// The literal child while there is exactly one and it came as the first (otherwise
+    /// [`NONE`]): the walk then reads it directly instead of probing the edge table. Most
+    /// nodes near the leaves have one child at most.
+    only_child: u32,
     /// At least the most literal segments below this node of any template ending on it or
     /// under it; `None` when none does. Lets the template search skip branches that cannot
     /// win. Removing a route leaves it as it was while templates remain below (an upper bound
@@ -276,6 +519,28 @@ struct Node {
     prefix_below: u32,
 }
 
+impl Default for Node {
+    fn default() -> Self {
+        Node {
+            segment: Name::new(""),
+            parent: NONE,
+            param: NONE,
+            ends: NONE,
+            literals: 0,
+            only_child: NONE,
+            template_literals: None,
+            templates_below: 0,
+            prefix_below: 0,
+        }
+    }
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.ends == NONE && self.literals == 0 && self.param == NONE
+    }
+}
+
 /// Routes ending on a node.
 #[derive(Debug, Default, Clone)]
 struct Ends {
@@ -283,22 +548,18 @@ struct Ends {
     template: Entries,
 }
 
-impl Node {
-    /// The literal child for `segment`, created if needed, copied first if shared.
-    fn child(&mut self, segment: &str) -> &mut Node {
-        Arc::make_mut(self.literals.get_or_insert_with(segment.as_bytes(), || Name::new(segment), Arc::default))
-    }
+/// The routes of one bucket with one exact path. The path is inline when short (most are),
+/// so the probe that verifies it reads no other line.
+#[derive(Debug, Clone)]
+struct Group {
+    bucket: u32,
+    path: Name<30>,
+    entries: Entries,
+}
 
-    fn param_child(&mut self) -> &mut Node {
-        Arc::make_mut(self.param.get_or_insert_with(Arc::default))
-    }
-
-    fn ends(&mut self) -> &mut Ends {
-        self.ends.get_or_insert_with(Box::default)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ends.is_none() && self.literals.is_empty() && self.param.is_none()
+impl Default for Group {
+    fn default() -> Self {
+        Group { bucket: NONE, path: Name::new(""), entries: Entries::new() }
     }
 }
 
@@ -312,18 +573,28 @@ fn split_first(path: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// The routes of one configuration version, ready for lookups. Cloning it is cheap (its maps
-/// and trie nodes are shared), and [`RouteTable::insert`] / [`RouteTable::remove`] on the
-/// clone copy only what they touch: that is how a new version is made from the previous one.
+/// The routes of one configuration version, ready for lookups. Cloning it is cheap (pools are
+/// shared by chunk, the two hash tables are flat `u32`s), and [`RouteTable::insert`] /
+/// [`RouteTable::remove`] on the clone copy only what they touch: that is how a new version is
+/// made from the previous one.
 #[derive(Clone)]
 pub struct RouteTable {
-    exact_hosts: Map<Arc<Bucket>>,
-    /// Keyed by the suffix after `*.`: `example.com` for `*.example.com`.
-    wildcard_hosts: Map<Arc<Bucket>>,
+    /// Bucket index by host.
+    exact_hosts: Map<u32>,
+    /// Bucket index by the suffix after `*.`: `example.com` for `*.example.com`.
+    wildcard_hosts: Map<u32>,
     /// The most labels of any wildcard suffix: longer suffixes of a host are not probed, so a
     /// host with a hundred labels costs no more hash lookups than the configuration needs.
     wildcard_max_labels: usize,
-    any_host: Bucket,
+    /// Index [`ANY_HOST`] is the any-host bucket.
+    buckets: Pool<Bucket>,
+    nodes: Pool<Node>,
+    ends: Pool<Ends>,
+    groups: Pool<Group>,
+    /// Literal edges of every trie: the child's index, keyed by (parent index, segment).
+    edges: IndexTable,
+    /// Exact paths of every bucket: a [`Group`] index, keyed by (bucket index, path).
+    exact: IndexTable,
     len: usize,
 }
 
@@ -333,6 +604,8 @@ impl fmt::Debug for RouteTable {
             .field("routes", &self.len)
             .field("exact_hosts", &self.exact_hosts.len())
             .field("wildcard_hosts", &self.wildcard_hosts.len())
+            .field("nodes", &self.nodes.live())
+            .field("exact_paths", &self.exact.len())
             .finish_non_exhaustive()
     }
 }
@@ -381,13 +654,21 @@ fn entry_for(index: usize, route: &Route) -> Option<(u32, Option<MethodSet>)> {
 
 impl RouteTable {
     pub fn new() -> RouteTable {
-        RouteTable {
+        let mut table = RouteTable {
             exact_hosts: Map::default(),
             wildcard_hosts: Map::default(),
             wildcard_max_labels: 0,
-            any_host: Bucket::default(),
+            buckets: Pool::default(),
+            nodes: Pool::default(),
+            ends: Pool::default(),
+            groups: Pool::default(),
+            edges: IndexTable::default(),
+            exact: IndexTable::default(),
             len: 0,
-        }
+        };
+        let any = table.new_bucket();
+        debug_assert_eq!(any, ANY_HOST);
+        table
     }
 
     /// Compiles validated routes; a route's index is its position in `routes`. A route whose
@@ -414,22 +695,14 @@ impl RouteTable {
         let name: Arc<str> = route.name.as_str().into();
         for key in host_keys(route) {
             let bucket = match &key {
-                HostKey::Any => &mut self.any_host,
-                HostKey::Exact(host) => Arc::make_mut(self.exact_hosts.get_or_insert_with(
-                    host.as_bytes(),
-                    || Name::new(host),
-                    Arc::default,
-                )),
+                HostKey::Any => ANY_HOST,
+                HostKey::Exact(host) => self.bucket_for(false, host),
                 HostKey::Wildcard(suffix) => {
                     self.wildcard_max_labels = self.wildcard_max_labels.max(suffix.split('.').count());
-                    Arc::make_mut(self.wildcard_hosts.get_or_insert_with(
-                        suffix.as_bytes(),
-                        || Name::new(suffix),
-                        Arc::default,
-                    ))
+                    self.bucket_for(true, suffix)
                 }
             };
-            insert(bucket, index, methods, &name, &route.path);
+            self.insert_in(bucket, index, methods, &name, &route.path);
         }
     }
 
@@ -442,22 +715,24 @@ impl RouteTable {
         };
         let mut wildcards_gone = false;
         for key in host_keys(route) {
-            let (map, host) = match &key {
+            let (wildcard, host) = match &key {
                 HostKey::Any => {
-                    remove(&mut self.any_host, index, &route.path);
+                    self.remove_in(ANY_HOST, index, &route.path);
                     continue;
                 }
-                HostKey::Exact(host) => (&mut self.exact_hosts, host),
-                HostKey::Wildcard(suffix) => (&mut self.wildcard_hosts, suffix),
+                HostKey::Exact(host) => (false, host),
+                HostKey::Wildcard(suffix) => (true, suffix),
             };
-            let Some(bucket) = map.get_mut(host.as_bytes()) else {
+            let map = if wildcard { &self.wildcard_hosts } else { &self.exact_hosts };
+            let Some(&bucket) = map.get(host.as_bytes()) else {
                 continue;
             };
-            let bucket = Arc::make_mut(bucket);
-            remove(bucket, index, &route.path);
-            if bucket.is_empty() {
-                map.remove(host.as_bytes());
-                wildcards_gone |= matches!(key, HostKey::Wildcard(_));
+            if self.remove_in(bucket, index, &route.path) && self.buckets.get(bucket).is_some_and(|b| b.routes == 0) {
+                let root = self.buckets.get(bucket).map_or(NONE, |b| b.root);
+                self.nodes.release(root);
+                self.buckets.release(bucket);
+                if wildcard { &mut self.wildcard_hosts } else { &mut self.exact_hosts }.remove(host.as_bytes());
+                wildcards_gone |= wildcard;
             }
         }
         if wildcards_gone {
@@ -490,26 +765,24 @@ impl RouteTable {
         let method = MethodSet::of(method);
         let mut buf = [0; MAX_HOST_LEN];
         let host = lowercase_host(host, &mut buf);
-        let found = self.in_buckets(host, |bucket| find(bucket, path, method));
+        // What the walks meet that matches host and path but not the method: when no bucket
+        // has a route for the method, that tells a 405 from a 404 and fills `Allow`.
+        let mut matched = Matched { any: false, allowed: MethodSet::EMPTY };
+        let path_hash = if self.exact.is_empty() { 0 } else { bytes_hash(path.as_bytes()) };
+        let found = self.in_buckets(host, |at, bucket| self.find(at, bucket, (path, path_hash), method, &mut matched));
         if let Some(entry) = found {
             let route = usize::try_from(entry.route).unwrap_or(usize::MAX);
-            return Lookup::Found(RouteMatch { route, params: params(entry, rest) });
+            return Lookup::Found(RouteMatch { route, entry, rest });
         }
-        // Rare (a 404 or 405): now look at every route matching host and path, whatever its
-        // method, to tell the two apart and fill the `Allow` header.
-        let mut matched = Matched { any: false, allowed: MethodSet::EMPTY };
-        self.in_buckets(host, |bucket| {
-            collect(bucket, path, &mut matched);
-            None::<()>
-        });
         if matched.any { Lookup::MethodNotAllowed { allowed: matched.allowed } } else { Lookup::NotFound }
     }
 
     /// Calls `f` on the host buckets for a (lowercased) host, most specific first, until it
     /// returns something.
-    fn in_buckets<'t, R>(&'t self, host: Option<&str>, mut f: impl FnMut(&'t Bucket) -> Option<R>) -> Option<R> {
+    fn in_buckets<'t, R>(&'t self, host: Option<&str>, mut f: impl FnMut(u32, &'t Bucket) -> Option<R>) -> Option<R> {
         let host = host.unwrap_or("").as_bytes();
-        if let Some(r) = self.exact_hosts.get(host).and_then(|b| f(b)) {
+        let mut at = |bucket: u32| self.buckets.get(bucket).and_then(|b| f(bucket, b));
+        if let Some(r) = self.exact_hosts.get(host).and_then(|&b| at(b)) {
             return Some(r);
         }
         if self.wildcard_max_labels > 0 {
@@ -517,16 +790,397 @@ impl RouteTable {
             // is never a candidate; suffixes come longest first as the dots are met left to
             // right, and those with more labels than any wildcard are not probed.
             let mut labels = host.iter().filter(|b| **b == b'.').count();
-            for (at, _) in host.iter().enumerate().filter(|(_, b)| **b == b'.') {
+            for (dot, _) in host.iter().enumerate().filter(|(_, b)| **b == b'.') {
                 if labels <= self.wildcard_max_labels
-                    && let Some(r) = host.get(at + 1..).and_then(|s| self.wildcard_hosts.get(s)).and_then(|b| f(b))
+                    && let Some(r) = host.get(dot + 1..).and_then(|s| self.wildcard_hosts.get(s)).and_then(|&b| at(b))
                 {
                     return Some(r);
                 }
                 labels -= 1;
             }
         }
-        f(&self.any_host)
+        at(ANY_HOST)
+    }
+
+    /// The literal child for `segment` of node `parent` (at index `at`).
+    #[inline]
+    fn child(&self, at: u32, parent: &Node, segment: &[u8]) -> Option<(u32, &Node)> {
+        if parent.only_child != NONE {
+            let child = self.nodes.get(parent.only_child)?;
+            return (child.segment.as_bytes() == segment).then_some((parent.only_child, child));
+        }
+        let h = edge_hash(at, segment);
+        let found = self
+            .edges
+            .find(h, |c| self.nodes.get(c).is_some_and(|n| n.parent == at && n.segment.as_bytes() == segment));
+        let child = found?;
+        Some((child, self.nodes.get(child)?))
+    }
+
+    fn ends_of(&self, node: &Node) -> Option<&Ends> {
+        if node.ends == NONE { None } else { self.ends.get(node.ends) }
+    }
+
+    /// The exact-path routes of a bucket; `path_hash` is [`bytes_hash`] of the path.
+    fn exact_group(&self, bucket: u32, path: &str, path_hash: u64) -> Option<&Group> {
+        let h = keyed(path_hash, bucket);
+        let at = self.exact.find(h, |g| {
+            self.groups.get(g).is_some_and(|g| g.bucket == bucket && g.path.as_bytes() == path.as_bytes())
+        })?;
+        self.groups.get(at)
+    }
+
+    /// Depth-first walk of a trie along `path` (without its leading '/'), the literal edge
+    /// before the parameter edge, so literal-only nodes come first, shallowest first, and
+    /// template matches come in order of their earliest literals. Iterative with an inline
+    /// stack: a long path neither recurses nor, in the common case, allocates.
+    fn walk<'t>(&'t self, root: u32, path: &str, mut visit: impl FnMut(Visit<'t>) -> Next) {
+        /// A node still to visit, with the path left after reaching it.
+        struct Frame<'t, 'p> {
+            at: u32,
+            node: &'t Node,
+            rest: Option<&'p str>,
+            literals: u16,
+            literal_only: bool,
+        }
+        let Some(node) = self.nodes.get(root) else {
+            return;
+        };
+        let mut stack: SmallVec<[Frame<'t, '_>; 16]> =
+            smallvec![Frame { at: root, node, rest: Some(path), literals: 0, literal_only: true }];
+        while let Some(Frame { at, node, rest, literals, literal_only }) = stack.pop() {
+            let follow_param = match visit(Visit { node, literals, at_end: rest.is_none(), literal_only }) {
+                Next::Prune => continue,
+                Next::Literal => false,
+                Next::All => true,
+            };
+            let Some(rest) = rest else {
+                continue;
+            };
+            let (segment, tail) = split_first(rest);
+            // Pushed in reverse order of visit: the literal child (and all below it) goes first.
+            if follow_param
+                && !segment.is_empty()
+                && node.param != NONE
+                && let Some(child) = self.nodes.get(node.param)
+            {
+                stack.push(Frame { at: node.param, node: child, rest: tail, literals, literal_only: false });
+            }
+            if node.literals > 0
+                && let Some((child_at, child)) = self.child(at, node, segment.as_bytes())
+            {
+                let literals = literals.saturating_add(1);
+                stack.push(Frame { at: child_at, node: child, rest: tail, literals, literal_only });
+            }
+        }
+    }
+
+    /// The best route in one bucket for the path (with its [`bytes_hash`]) and method. The lists it meets that match
+    /// the path but have no route for the method go into `matched`: when it finds nothing,
+    /// its walk has seen every route of the bucket matching the path (with no match found,
+    /// it prunes only branches without templates or longer prefixes), so no second pass is
+    /// needed for a 404 or a 405.
+    fn find(
+        &self,
+        at: u32,
+        bucket: &Bucket,
+        (path, path_hash): (&str, u64),
+        method: Option<MethodSet>,
+        matched: &mut Matched,
+    ) -> Option<&Entry> {
+        if bucket.exact > 0
+            && let Some(group) = self.exact_group(at, path, path_hash)
+        {
+            match pick(&group.entries, method) {
+                Some(e) => return Some(e),
+                None => matched.add(&group.entries),
+            }
+        }
+        let mut prefix = None;
+        // (literal segments, entry): a later template match wins only with strictly more
+        // literals, since the walk meets templates with earlier literals first.
+        let mut template: Option<(u16, &Entry)> = None;
+        self.walk(bucket.root, &path[1..], |v| {
+            let ends = self.ends_of(v.node);
+            // Literal-only nodes come shallowest first: the last prefix seen is the longest.
+            if v.literal_only
+                && let Some(ends) = ends
+            {
+                match pick(&ends.prefix, method) {
+                    Some(e) => prefix = Some(e),
+                    None => matched.add(&ends.prefix),
+                }
+            }
+            let best = template.map_or(0, |(n, _)| n + 1);
+            // Enter a branch only if some template below can have more literals than the best.
+            let templates = v.node.template_literals.is_some_and(|below| v.literals + below >= best);
+            if templates
+                && v.at_end
+                && v.literals >= best
+                && let Some(ends) = ends
+            {
+                match pick(&ends.template, method) {
+                    Some(e) => template = Some((v.literals, e)),
+                    None => matched.add(&ends.template),
+                }
+            }
+            next(templates, &v)
+        });
+        template.map(|(_, e)| e).or(prefix)
+    }
+
+    fn new_bucket(&mut self) -> u32 {
+        let root = self.nodes.alloc(Node::default());
+        self.buckets.alloc(Bucket { root, exact: 0, routes: 0 })
+    }
+
+    /// The bucket of an exact host or a wildcard suffix, created if needed.
+    fn bucket_for(&mut self, wildcard: bool, host: &str) -> u32 {
+        let map = if wildcard { &self.wildcard_hosts } else { &self.exact_hosts };
+        if let Some(&bucket) = map.get(host.as_bytes()) {
+            return bucket;
+        }
+        let bucket = self.new_bucket();
+        let map = if wildcard { &mut self.wildcard_hosts } else { &mut self.exact_hosts };
+        *map.get_or_insert_with(host.as_bytes(), || Name::new(host), || bucket)
+    }
+
+    fn node_mut(&mut self, at: u32) -> Option<&mut Node> {
+        self.nodes.get_mut(at)
+    }
+
+    /// The literal child of `parent` for `segment`, created if needed.
+    fn child_or_insert(&mut self, parent: u32, segment: &str) -> u32 {
+        let Some(node) = self.nodes.get(parent) else {
+            return NONE;
+        };
+        if let Some((at, _)) = self.child(parent, node, segment.as_bytes()) {
+            return at;
+        }
+        let at = self.nodes.alloc(Node { segment: Name::new(segment), parent, ..Node::default() });
+        self.edges.insert(edge_hash(parent, segment.as_bytes()), at);
+        if let Some(p) = self.node_mut(parent) {
+            p.literals += 1;
+            p.only_child = if p.literals == 1 { at } else { NONE };
+        }
+        at
+    }
+
+    fn param_child_or_insert(&mut self, parent: u32) -> u32 {
+        match self.nodes.get(parent).map(|p| p.param) {
+            Some(NONE) => {
+                let at = self.nodes.alloc(Node { parent, ..Node::default() });
+                if let Some(p) = self.node_mut(parent) {
+                    p.param = at;
+                }
+                at
+            }
+            Some(at) => at,
+            None => NONE,
+        }
+    }
+
+    /// The routes ending on node `at`, created if needed.
+    fn ends_mut(&mut self, at: u32) -> Option<&mut Ends> {
+        let mut ends = self.nodes.get(at)?.ends;
+        if ends == NONE {
+            ends = self.ends.alloc(Ends::default());
+            self.node_mut(at)?.ends = ends;
+        }
+        self.ends.get_mut(ends)
+    }
+
+    fn insert_in(&mut self, bucket: u32, route: u32, methods: Option<MethodSet>, name: &Arc<str>, path: &PathMatch) {
+        let entry =
+            |params: Vec<(Box<str>, u16)>| Entry { route, methods, params: params.into(), name: Arc::clone(name) };
+        let Some(b) = self.buckets.get_mut(bucket) else {
+            return;
+        };
+        b.routes += 1;
+        let root = b.root;
+        match path {
+            PathMatch::Exact(p) => {
+                let h = exact_hash(bucket, p.as_bytes());
+                let groups = &self.groups;
+                let found = self.exact.find(h, |g| {
+                    groups.get(g).is_some_and(|g| g.bucket == bucket && g.path.as_bytes() == p.as_bytes())
+                });
+                let group = match found {
+                    Some(g) => g,
+                    None => {
+                        let g = self.groups.alloc(Group { bucket, path: Name::new(p), entries: Entries::new() });
+                        self.exact.insert(h, g);
+                        if let Some(b) = self.buckets.get_mut(bucket) {
+                            b.exact += 1;
+                        }
+                        g
+                    }
+                };
+                if let Some(g) = self.groups.get_mut(group) {
+                    add(&mut g.entries, entry(Vec::new()));
+                }
+            }
+            PathMatch::Prefix(_) => {
+                let mut node = root;
+                for step in steps(path).into_iter().flatten() {
+                    if let Step::Literal(segment) = step {
+                        if let Some(n) = self.node_mut(node) {
+                            n.prefix_below += 1;
+                        }
+                        node = self.child_or_insert(node, segment);
+                    }
+                }
+                if let Some(ends) = self.ends_mut(node) {
+                    add(&mut ends.prefix, entry(Vec::new()));
+                }
+            }
+            PathMatch::Template { segments, .. } => {
+                let mut literals_left = count(segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count());
+                let mut params = Vec::new();
+                let mut node = root;
+                for (i, segment) in segments.iter().enumerate() {
+                    if let Some(n) = self.node_mut(node) {
+                        n.template_literals = n.template_literals.max(Some(literals_left));
+                        n.templates_below += 1;
+                    }
+                    node = match segment {
+                        Segment::Literal(l) => {
+                            literals_left = literals_left.saturating_sub(1);
+                            self.child_or_insert(node, l)
+                        }
+                        Segment::Param(name) => {
+                            params.push((name.as_str().into(), count(i)));
+                            self.param_child_or_insert(node)
+                        }
+                    };
+                }
+                if let Some(n) = self.node_mut(node) {
+                    n.template_literals = n.template_literals.max(Some(0));
+                    n.templates_below += 1;
+                }
+                if let Some(ends) = self.ends_mut(node) {
+                    add(&mut ends.template, entry(params));
+                }
+            }
+        }
+    }
+
+    /// Undoes [`RouteTable::insert_in`] for the entry of `route` at `path`, and drops the
+    /// nodes left empty. False (and no change) when the entry is not there.
+    fn remove_in(&mut self, bucket: u32, route: u32, path: &PathMatch) -> bool {
+        let Some(root) = self.buckets.get(bucket).map(|b| b.root) else {
+            return false;
+        };
+        let Some(steps) = steps(path) else {
+            let PathMatch::Exact(p) = path else {
+                return false;
+            };
+            let h = exact_hash(bucket, p.as_bytes());
+            let groups = &self.groups;
+            let Some(group) = self
+                .exact
+                .find(h, |g| groups.get(g).is_some_and(|g| g.bucket == bucket && g.path.as_bytes() == p.as_bytes()))
+            else {
+                return false;
+            };
+            let Some(g) = self.groups.get_mut(group) else {
+                return false;
+            };
+            if !take(&mut g.entries, route) {
+                return false;
+            }
+            if g.entries.is_empty() {
+                self.exact.remove(h, group);
+                self.groups.release(group);
+                if let Some(b) = self.buckets.get_mut(bucket) {
+                    b.exact -= 1;
+                }
+            }
+            return self.counted_out(bucket);
+        };
+        let template = matches!(path, PathMatch::Template { .. });
+        // The nodes down the path, root first; only change anything if the entry is there
+        // (it always is when callers keep the contract).
+        let mut chain = Vec::with_capacity(steps.len() + 1);
+        let mut at = root;
+        for step in &steps {
+            chain.push(at);
+            let next = match step {
+                Step::Literal(l) => self.nodes.get(at).and_then(|n| self.child(at, n, l.as_bytes())).map(|(c, _)| c),
+                Step::Param => self.nodes.get(at).map(|n| n.param).filter(|&p| p != NONE),
+            };
+            let Some(next) = next else {
+                return false;
+            };
+            at = next;
+        }
+        let end = at;
+        let there = self
+            .nodes
+            .get(end)
+            .and_then(|n| self.ends_of(n))
+            .is_some_and(|e| if template { &e.template } else { &e.prefix }.iter().any(|e| e.route == route));
+        if !there {
+            return false;
+        }
+        if template {
+            chain.push(end);
+        }
+        for &at in &chain {
+            if let Some(n) = self.node_mut(at) {
+                if template {
+                    n.templates_below = n.templates_below.saturating_sub(1);
+                    if n.templates_below == 0 {
+                        n.template_literals = None;
+                    }
+                } else {
+                    n.prefix_below = n.prefix_below.saturating_sub(1);
+                }
+            }
+        }
+        let ends = self.nodes.get(end).map_or(NONE, |n| n.ends);
+        if let Some(e) = self.ends.get_mut(ends) {
+            take(if template { &mut e.template } else { &mut e.prefix }, route);
+            if e.prefix.is_empty() && e.template.is_empty() {
+                self.ends.release(ends);
+                if let Some(n) = self.node_mut(end) {
+                    n.ends = NONE;
+                }
+            }
+        }
+        // Cut off the nodes left empty, deepest first; the root stays.
+        let mut at = end;
+        while at != root {
+            let Some(node) = self.nodes.get(at).filter(|n| n.is_empty()) else {
+                break;
+            };
+            let parent = node.parent;
+            let h = edge_hash(parent, node.segment.as_bytes());
+            if self.nodes.get(parent).is_some_and(|p| p.param == at) {
+                if let Some(p) = self.node_mut(parent) {
+                    p.param = NONE;
+                }
+            } else {
+                self.edges.remove(h, at);
+                if let Some(p) = self.node_mut(parent) {
+                    p.literals = p.literals.saturating_sub(1);
+                    // Down to one child, which is not known without a search: the table
+                    // finds it.
+                    p.only_child = NONE;
+                }
+            }
+            self.nodes.release(at);
+            at = parent;
+        }
+        self.counted_out(bucket)
+    }
+
+    /// One entry fewer in `bucket`; true (the caller's "removed").
+    fn counted_out(&mut self, bucket: u32) -> bool {
+        if let Some(b) = self.buckets.get_mut(bucket) {
+            b.routes = b.routes.saturating_sub(1);
+        }
+        true
     }
 }
 
@@ -573,165 +1227,7 @@ fn count(n: usize) -> u16 {
     u16::try_from(n).unwrap_or(u16::MAX)
 }
 
-fn insert(bucket: &mut Bucket, route: u32, methods: Option<MethodSet>, name: &Arc<str>, path: &PathMatch) {
-    let entry = |params: Vec<(Box<str>, u16)>| Entry { route, methods, params: params.into(), name: Arc::clone(name) };
-    match path {
-        PathMatch::Exact(p) => {
-            add(bucket.exact.get_or_insert_with(p.as_bytes(), || Name::new(p), Entries::new), entry(Vec::new()))
-        }
-        PathMatch::Prefix(_) => {
-            let mut node = &mut bucket.root;
-            for step in steps(path).into_iter().flatten() {
-                if let Step::Literal(segment) = step {
-                    node.prefix_below += 1;
-                    node = node.child(segment);
-                }
-            }
-            add(&mut node.ends().prefix, entry(Vec::new()));
-        }
-        PathMatch::Template { segments, .. } => {
-            let mut literals_left = count(segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count());
-            let mut params = Vec::new();
-            let mut node = &mut bucket.root;
-            for (i, segment) in segments.iter().enumerate() {
-                node.template_literals = node.template_literals.max(Some(literals_left));
-                node.templates_below += 1;
-                node = match segment {
-                    Segment::Literal(l) => {
-                        literals_left = literals_left.saturating_sub(1);
-                        node.child(l)
-                    }
-                    Segment::Param(name) => {
-                        params.push((name.as_str().into(), count(i)));
-                        node.param_child()
-                    }
-                };
-            }
-            node.template_literals = node.template_literals.max(Some(0));
-            node.templates_below += 1;
-            add(&mut node.ends().template, entry(params));
-        }
-    }
-}
-
-/// Undoes [`insert`] for the entry of `route` at `path`, and drops the nodes left empty.
-/// Iterative, like the walk: one pass down to fix the counts and take the entry, one pass
-/// (reading only) to find the chain of nodes left empty, one pass down to cut it off.
-fn remove(bucket: &mut Bucket, route: u32, path: &PathMatch) {
-    let Some(steps) = steps(path) else {
-        if let PathMatch::Exact(p) = path
-            && let Some(list) = bucket.exact.get_mut(p.as_bytes())
-            && take(list, route)
-            && list.is_empty()
-        {
-            bucket.exact.remove(p.as_bytes());
-        }
-        return;
-    };
-    let template = matches!(path, PathMatch::Template { .. });
-    // Only fix the counts if the entry is there (it always is when callers keep the contract).
-    if !found(&bucket.root, &steps, template, route) {
-        return;
-    }
-    let mut node = &mut bucket.root;
-    for step in &steps {
-        if template {
-            node.templates_below = node.templates_below.saturating_sub(1);
-            if node.templates_below == 0 {
-                node.template_literals = None;
-            }
-        } else {
-            node.prefix_below = node.prefix_below.saturating_sub(1);
-        }
-        let next = match step {
-            Step::Literal(l) => node.literals.get_mut(l.as_bytes()),
-            Step::Param => node.param.as_mut(),
-        };
-        let Some(next) = next else {
-            return;
-        };
-        node = Arc::make_mut(next);
-    }
-    if template {
-        node.templates_below = node.templates_below.saturating_sub(1);
-        if node.templates_below == 0 {
-            node.template_literals = None;
-        }
-    }
-    if let Some(ends) = node.ends.as_deref_mut() {
-        take(if template { &mut ends.template } else { &mut ends.prefix }, route);
-        if ends.prefix.is_empty() && ends.template.is_empty() {
-            node.ends = None;
-        }
-    }
-    // The shallowest depth from which every node down the path is left empty once its child
-    // on the path goes: cut the edge into it.
-    let mut cut = None;
-    let mut chain: Vec<&Node> = Vec::with_capacity(steps.len() + 1);
-    let mut at = Some(&bucket.root);
-    for step in &steps {
-        let Some(n) = at else { break };
-        chain.push(n);
-        at = match step {
-            Step::Literal(l) => n.literals.get(l.as_bytes()).map(Arc::as_ref),
-            Step::Param => n.param.as_deref(),
-        };
-    }
-    if let Some(last) = at
-        && last.is_empty()
-        && !steps.is_empty()
-    {
-        cut = Some(steps.len());
-        for depth in (1..steps.len()).rev() {
-            let Some(n) = chain.get(depth) else { break };
-            let only_child = n.ends.is_none()
-                && match steps.get(depth) {
-                    Some(Step::Literal(_)) => n.literals.len() == 1 && n.param.is_none(),
-                    _ => n.literals.is_empty(),
-                };
-            if !only_child {
-                break;
-            }
-            cut = Some(depth);
-        }
-    }
-    let Some(cut) = cut else {
-        return;
-    };
-    let mut node = &mut bucket.root;
-    for step in steps.iter().take(cut - 1) {
-        let next = match step {
-            Step::Literal(l) => node.literals.get_mut(l.as_bytes()),
-            Step::Param => node.param.as_mut(),
-        };
-        let Some(next) = next else {
-            return;
-        };
-        node = Arc::make_mut(next);
-    }
-    match steps.get(cut - 1) {
-        Some(Step::Literal(l)) => {
-            node.literals.remove(l.as_bytes());
-        }
-        Some(Step::Param) => node.param = None,
-        None => {}
-    }
-}
-
-/// Whether the entry of `route` ends where `steps` lead.
-fn found(root: &Node, steps: &[Step<'_>], template: bool, route: u32) -> bool {
-    let mut node = Some(root);
-    for step in steps {
-        node = node.and_then(|n| match step {
-            Step::Literal(l) => n.literals.get(l.as_bytes()).map(Arc::as_ref),
-            Step::Param => n.param.as_deref(),
-        });
-    }
-    node.and_then(|n| n.ends.as_deref())
-        .is_some_and(|e| if template { &e.template } else { &e.prefix }.iter().any(|e| e.route == route))
-}
-
-/// A trie node reached by [`walk`].
+/// A trie node reached by [`RouteTable::walk`].
 struct Visit<'t> {
     node: &'t Node,
     /// Literal segments matched on the way here.
@@ -742,7 +1238,7 @@ struct Visit<'t> {
     literal_only: bool,
 }
 
-/// Where [`walk`] goes after a visit.
+/// Where [`RouteTable::walk`] goes after a visit.
 enum Next {
     /// Nothing below this node can matter.
     Prune,
@@ -750,43 +1246,6 @@ enum Next {
     Literal,
     /// The literal edge, then the parameter edge.
     All,
-}
-
-/// Depth-first walk of the trie along `path` (without its leading '/'), the literal edge
-/// before the parameter edge, so literal-only nodes come first, shallowest first, and template
-/// matches come in order of their earliest literals. Iterative with an inline stack: a long
-/// path neither recurses nor, in the common case, allocates.
-fn walk<'t>(root: &'t Node, path: &str, mut visit: impl FnMut(Visit<'t>) -> Next) {
-    /// A node still to visit, with the path left after reaching it.
-    struct Frame<'t, 'p> {
-        node: &'t Node,
-        rest: Option<&'p str>,
-        literals: u16,
-        literal_only: bool,
-    }
-    let mut stack: SmallVec<[Frame<'t, '_>; 16]> =
-        smallvec![Frame { node: root, rest: Some(path), literals: 0, literal_only: true }];
-    while let Some(Frame { node, rest, literals, literal_only }) = stack.pop() {
-        let follow_param = match visit(Visit { node, literals, at_end: rest.is_none(), literal_only }) {
-            Next::Prune => continue,
-            Next::Literal => false,
-            Next::All => true,
-        };
-        let Some(rest) = rest else {
-            continue;
-        };
-        let (segment, tail) = split_first(rest);
-        // Pushed in reverse order of visit: the literal child (and all below it) goes first.
-        if follow_param
-            && !segment.is_empty()
-            && let Some(child) = &node.param
-        {
-            stack.push(Frame { node: child.as_ref(), rest: tail, literals, literal_only: false });
-        }
-        if let Some(child) = node.literals.get(segment.as_bytes()) {
-            stack.push(Frame { node: child.as_ref(), rest: tail, literals: literals.saturating_add(1), literal_only });
-        }
-    }
 }
 
 /// Where to go below a node: towards templates that can still win, towards longer prefixes.
@@ -798,39 +1257,7 @@ fn next(templates: bool, v: &Visit<'_>) -> Next {
     }
 }
 
-/// The best route in one bucket for the path and method.
-fn find<'t>(bucket: &'t Bucket, path: &str, method: Option<MethodSet>) -> Option<&'t Entry> {
-    if let Some(e) = bucket.exact.get(path.as_bytes()).and_then(|list| pick(list, method)) {
-        return Some(e);
-    }
-    let mut prefix = None;
-    // (literal segments, entry): a later template match wins only with strictly more literals,
-    // since the walk meets templates with earlier literals first.
-    let mut template: Option<(u16, &Entry)> = None;
-    walk(&bucket.root, &path[1..], |v| {
-        let ends = v.node.ends.as_deref();
-        // Literal-only nodes come shallowest first: the last prefix seen is the longest.
-        if v.literal_only
-            && let Some(e) = ends.and_then(|ends| pick(&ends.prefix, method))
-        {
-            prefix = Some(e);
-        }
-        let best = template.map_or(0, |(n, _)| n + 1);
-        // Enter a branch only if some template below can have more literals than the best.
-        let templates = v.node.template_literals.is_some_and(|below| v.literals + below >= best);
-        if templates
-            && v.at_end
-            && v.literals >= best
-            && let Some(e) = ends.and_then(|ends| pick(&ends.template, method))
-        {
-            template = Some((v.literals, e));
-        }
-        next(templates, &v)
-    });
-    template.map(|(_, e)| e).or(prefix)
-}
-
-/// Every route of a bucket matching the path, whatever its method.
+/// Every route matching host and path, whatever its method.
 struct Matched {
     any: bool,
     allowed: MethodSet,
@@ -845,34 +1272,21 @@ impl Matched {
     }
 }
 
-fn collect(bucket: &Bucket, path: &str, matched: &mut Matched) {
-    if let Some(list) = bucket.exact.get(path.as_bytes()) {
-        matched.add(list);
-    }
-    walk(&bucket.root, &path[1..], |v| {
-        if let Some(ends) = v.node.ends.as_deref() {
-            if v.literal_only {
-                matched.add(&ends.prefix);
-            }
-            if v.at_end {
-                matched.add(&ends.template);
-            }
-        }
-        next(v.node.template_literals.is_some(), &v)
-    });
-}
-
 /// The parameter values of a template entry, read from the path at the entry's positions.
 fn params<'t, 'p>(entry: &'t Entry, path: &'p str) -> Params<'t, 'p> {
     let mut out = Params::new();
-    let mut wanted = entry.params.iter().peekable();
-    for (i, segment) in path.split('/').enumerate() {
-        let Some((name, at)) = wanted.peek() else {
-            break;
-        };
-        if usize::from(*at) == i {
-            out.push((&**name, segment));
-            wanted.next();
+    let mut rest = Some(path);
+    let mut position = 0;
+    for (name, at) in entry.params.iter() {
+        // Positions come in order: skip the segments before this one.
+        while let Some(r) = rest {
+            let (segment, tail) = split_first(r);
+            rest = tail;
+            position += 1;
+            if position - 1 == usize::from(*at) {
+                out.push((&**name, segment));
+                break;
+            }
         }
     }
     out
@@ -937,7 +1351,7 @@ mod tests {
         for (host, method, path, want) in cases {
             let got = table.lookup(host, method, path);
             let ok = match (&got, want) {
-                (Lookup::Found(m), Found(route, params)) => m.route == *route && m.params.as_slice() == *params,
+                (Lookup::Found(m), Found(route, params)) => m.route == *route && m.params().as_slice() == *params,
                 (Lookup::MethodNotAllowed { allowed }, NotAllowed(a)) => allowed.to_string() == *a,
                 (Lookup::NotFound, NotFound) => true,
                 _ => false,
@@ -1206,8 +1620,8 @@ mod tests {
 
     #[test]
     fn a_node_fits_a_cache_line() {
-        // The walk touches one node per segment: keep it to one line (see `Node`).
-        assert!(std::mem::size_of::<Node>() <= 64, "{}", std::mem::size_of::<Node>());
+        // The walk reads one node per segment: keep it to one line (see `Node`).
+        assert!(std::mem::size_of::<Node>() == 64, "{}", std::mem::size_of::<Node>());
     }
 
     #[test]
@@ -1238,7 +1652,7 @@ mod tests {
         let table = RouteTable::build(&routes);
         let path = "/v/x".repeat(1000);
         match table.lookup("h", "GET", &path) {
-            Lookup::Found(m) => assert_eq!((m.route, m.params.len()), (1, 1000)),
+            Lookup::Found(m) => assert_eq!((m.route, m.params().len()), (1, 1000)),
             other => panic!("{other:?}"),
         }
         let long = "/x".repeat(4000);
@@ -1257,7 +1671,7 @@ mod tests {
     fn outcome(l: Lookup<'_, '_>) -> Outcome {
         match l {
             Lookup::Found(m) => {
-                Outcome::Found(m.route, m.params.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect())
+                Outcome::Found(m.route, m.params().iter().map(|(n, v)| (n.to_string(), v.to_string())).collect())
             }
             Lookup::MethodNotAllowed { allowed } => Outcome::NotAllowed(allowed.iter().map(String::from).collect()),
             Lookup::NotFound => Outcome::NotFound,
@@ -1471,6 +1885,34 @@ mod tests {
     }
 
     proptest! {
+        /// The index against a model, with hashes drawn from few values so that runs, wraps
+        /// around the end and removals in the middle of runs are the common case.
+        #[test]
+        fn index_table_agrees_with_a_map(ops in prop::collection::vec((any::<bool>(), 0u64..40, 0u32..6), 1..400)) {
+            let mut table = IndexTable::default();
+            let mut model: BTreeMap<(u64, u32), ()> = BTreeMap::new();
+            for (add, h, v) in ops {
+                // Top bits pick the slot: spread the few hashes over them, some colliding.
+                let hash = (h % 13) << 60 | (h << 32);
+                if add && !model.contains_key(&(hash, v)) {
+                    table.insert(hash, v);
+                    model.insert((hash, v), ());
+                } else if !add {
+                    prop_assert_eq!(table.remove(hash, v), model.remove(&(hash, v)).is_some());
+                }
+                prop_assert_eq!(table.len(), model.len());
+                for h in 0..40u64 {
+                    let hash = (h % 13) << 60 | (h << 32);
+                    for v in 0..6 {
+                        let found = table.find(hash, |x| x == v) == Some(v);
+                        prop_assert_eq!(found, model.contains_key(&(hash, v)), "{:x} {}", hash, v);
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
 
         /// Inserts and removals in any order, on a table shared with older versions: every
@@ -1511,8 +1953,13 @@ mod tests {
             for (i, r) in live {
                 table.remove(i, &routes[r]);
             }
-            prop_assert!(table.any_host.is_empty() && table.exact_hosts.is_empty() && table.wildcard_hosts.is_empty());
-            prop_assert_eq!((table.any_host.root.templates_below, table.any_host.root.prefix_below), (0, 0));
+            prop_assert!(table.exact_hosts.is_empty() && table.wildcard_hosts.is_empty());
+            prop_assert!(table.edges.is_empty() && table.exact.is_empty());
+            // The any-host bucket and its root, nothing else.
+            prop_assert_eq!((table.buckets.live(), table.nodes.live(), table.ends.live(), table.groups.live()), (1, 1, 0, 0));
+            let root = table.nodes.get(table.buckets.get(ANY_HOST).unwrap().root).unwrap();
+            prop_assert!(root.is_empty());
+            prop_assert_eq!((root.templates_below, root.prefix_below, root.template_literals), (0, 0, None));
             prop_assert_eq!(table.wildcard_max_labels, 0);
         }
 
