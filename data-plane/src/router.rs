@@ -273,8 +273,8 @@ const NONE: u32 = u32::MAX;
 /// The any-host bucket: always there, and always the last one a lookup tries.
 const ANY_HOST: u32 = 0;
 
-/// For the edge and exact-path tables: keys come from the configuration; a request only picks
-/// which slot to look at, so it cannot lengthen a probe.
+/// For the edge and exact-path indexes: keys come from the configuration; a request only picks
+/// which slot a probe starts at, so it cannot make the runs it walks any longer.
 const HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x726f_7574_6573_2121);
 
 /// The hash of some bytes, before the index that keys them is mixed in (see [`keyed`]): a
@@ -287,7 +287,8 @@ fn bytes_hash(bytes: &[u8]) -> u64 {
 }
 
 /// Mixes an index (a parent node, a bucket) into a bytes hash with a folded multiply, so that
-/// both the low bits (hashbrown's slot) and the top seven (its tag) depend on every bit.
+/// the top 32 bits, which pick an [`IndexTable`] slot and are kept in it to tell keys apart,
+/// depend on every bit of both.
 #[inline]
 fn keyed(hash: u64, index: u32) -> u64 {
     let p = u128::from(hash ^ u64::from(index)) * 0x9e37_79b9_7f4a_7c15;
