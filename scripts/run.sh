@@ -17,7 +17,7 @@ STREAMS=127.0.0.1:7071
 PROXY=127.0.0.1:8080
 PROXY_ADMIN=127.0.0.1:9901
 UPSTREAM=127.0.0.1:9000
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release   # where cargo build --release puts them
 
 say() { echo "portcullis: $*" >&2; }
 die() { say "$*"; exit 1; }
