@@ -1,8 +1,9 @@
 //! Collections that successive config versions share: cloning one costs a copy of a small
 //! table or of one pointer per shard (chunk), and a change then copies only the shard it
-//! touches. This is what lets a one-route change build the next
-//! [`RouteTable`](crate::router::RouteTable) and route list from the previous ones in time
-//! proportional to the change, not to the number of routes, while every version stays an
+//! touches. This is what lets a one-route change build the next snapshot's route list, its
+//! name index and the [`RouteTable`](crate::router::RouteTable)'s host maps (the table's own
+//! pools are chunked the same way) from the previous ones in time proportional to the change,
+//! not to the number of routes, while every version stays an
 //! immutable value that requests read without locks.
 //!
 //! [`CowMap`]: a map of up to [`SPLIT_AT`] entries is one inline table (copied on clone: it is small); a

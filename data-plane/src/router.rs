@@ -219,7 +219,7 @@ struct Entry {
     /// `None`: any method.
     methods: Option<MethodSet>,
     /// Template parameters: name and segment position, in position order. Shared, so that
-    /// copying a node or a shard for the next version copies no strings.
+    /// copying a chunk of entry lists for the next version copies no strings.
     params: Arc<[(Box<str>, u16)]>,
     /// The route's name: ties between routes with the same path pattern go by name, so the
     /// winner does not depend on the indexes routes happen to get (see [`RouteTable::insert`]).
