@@ -17,6 +17,7 @@ bin=$(cargo bench -p portcullis-data-plane --bench route_match --no-run --messag
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="route_match" and m.get("executable"): print(m["executable"])' | tail -1)
+[ -n "$bin" ] || { echo "the route_match bench did not build: cargo bench -p portcullis-data-plane --bench route_match --no-run" >&2; exit 1; }
 run() {
   ROUTE_MATCH_COUNT="$n $1" valgrind --tool=cachegrind --cache-sim=yes --D1=32768,8,64 --LL="$ll,16,64" \
     --cachegrind-out-file=/dev/null "$bin" 2>&1 |

@@ -10,7 +10,7 @@
 //! Wall-clock figures on a shared machine move with its neighbours' load; for a figure that
 //! does not, `ROUTE_MATCH_COUNT="N K"` runs K lookups on the N-route table without criterion,
 //! to be counted under valgrind (instructions, cache misses), K against 0:
-//! `ROUTE_MATCH_COUNT="100000 20000" valgrind --tool=cachegrind --cache-sim=yes BENCH_BINARY`.
+//! `scripts/cachegrind-route-match.sh` does that and prints the figures per lookup.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

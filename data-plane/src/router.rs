@@ -299,10 +299,6 @@ fn edge_hash(parent: u32, segment: &[u8]) -> u64 {
     keyed(bytes_hash(segment), parent)
 }
 
-fn exact_hash(bucket: u32, path: &[u8]) -> u64 {
-    keyed(bytes_hash(path), bucket)
-}
-
 /// A hash index from configuration keys to pool indexes: open addressing with linear probing
 /// over one flat array of 8-byte slots, each the key hash's top 32 bits (which also pick the
 /// slot to start from) and the value plus one (0 is an empty slot). A probe reads one cache
@@ -575,7 +571,7 @@ fn split_first(path: &str) -> (&str, Option<&str>) {
 }
 
 /// The routes of one configuration version, ready for lookups. Cloning it is cheap (pools are
-/// shared by chunk, the two hash tables are flat `u32`s), and [`RouteTable::insert`] /
+/// shared by chunk, the two indexes are flat arrays of `u64`), and [`RouteTable::insert`] /
 /// [`RouteTable::remove`] on the clone copy only what they touch: that is how a new version is
 /// made from the previous one.
 #[derive(Clone)]
@@ -728,8 +724,10 @@ impl RouteTable {
             let Some(&bucket) = map.get(host.as_bytes()) else {
                 continue;
             };
-            if self.remove_in(bucket, index, &route.path) && self.buckets.get(bucket).is_some_and(|b| b.routes == 0) {
-                let root = self.buckets.get(bucket).map_or(NONE, |b| b.root);
+            if !self.remove_in(bucket, index, &route.path) {
+                continue;
+            }
+            if let Some(root) = self.buckets.get(bucket).filter(|b| b.routes == 0).map(|b| b.root) {
                 self.nodes.release(root);
                 self.buckets.release(bucket);
                 if wildcard { &mut self.wildcard_hosts } else { &mut self.exact_hosts }.remove(host.as_bytes());
@@ -770,7 +768,8 @@ impl RouteTable {
         // has a route for the method, that tells a 405 from a 404 and fills `Allow`.
         let mut matched = Matched { any: false, allowed: MethodSet::EMPTY };
         let path_hash = if self.exact.is_empty() { 0 } else { bytes_hash(path.as_bytes()) };
-        let found = self.in_buckets(host, |at, bucket| self.find(at, bucket, (path, path_hash), method, &mut matched));
+        let wanted = Wanted { path, rest, path_hash, method };
+        let found = self.in_buckets(host, |at, bucket| self.find(at, bucket, &wanted, &mut matched));
         if let Some(entry) = found {
             let route = usize::try_from(entry.route).unwrap_or(usize::MAX);
             return Lookup::Found(RouteMatch { route, entry, rest });
@@ -822,13 +821,11 @@ impl RouteTable {
         if node.ends == NONE { None } else { self.ends.get(node.ends) }
     }
 
-    /// The exact-path routes of a bucket; `path_hash` is [`bytes_hash`] of the path.
-    fn exact_group(&self, bucket: u32, path: &str, path_hash: u64) -> Option<&Group> {
-        let h = keyed(path_hash, bucket);
-        let at = self.exact.find(h, |g| {
+    /// The index of a bucket's group for an exact path; `path_hash` is [`bytes_hash`] of it.
+    fn group_at(&self, bucket: u32, path: &str, path_hash: u64) -> Option<u32> {
+        self.exact.find(keyed(path_hash, bucket), |g| {
             self.groups.get(g).is_some_and(|g| g.bucket == bucket && g.path.as_bytes() == path.as_bytes())
-        })?;
-        self.groups.get(at)
+        })
     }
 
     /// Depth-first walk of a trie along `path` (without its leading '/'), the literal edge
@@ -876,21 +873,15 @@ impl RouteTable {
         }
     }
 
-    /// The best route in one bucket for the path (with its [`bytes_hash`]) and method. The lists it meets that match
+    /// The best route in one bucket for the path and method. The lists it meets that match
     /// the path but have no route for the method go into `matched`: when it finds nothing,
     /// its walk has seen every route of the bucket matching the path (with no match found,
     /// it prunes only branches without templates or longer prefixes), so no second pass is
     /// needed for a 404 or a 405.
-    fn find(
-        &self,
-        at: u32,
-        bucket: &Bucket,
-        (path, path_hash): (&str, u64),
-        method: Option<MethodSet>,
-        matched: &mut Matched,
-    ) -> Option<&Entry> {
+    fn find(&self, at: u32, bucket: &Bucket, wanted: &Wanted<'_>, matched: &mut Matched) -> Option<&Entry> {
+        let method = wanted.method;
         if bucket.exact > 0
-            && let Some(group) = self.exact_group(at, path, path_hash)
+            && let Some(group) = self.group_at(at, wanted.path, wanted.path_hash).and_then(|g| self.groups.get(g))
         {
             match pick(&group.entries, method) {
                 Some(e) => return Some(e),
@@ -901,7 +892,7 @@ impl RouteTable {
         // (literal segments, entry): a later template match wins only with strictly more
         // literals, since the walk meets templates with earlier literals first.
         let mut template: Option<(u16, &Entry)> = None;
-        self.walk(bucket.root, &path[1..], |v| {
+        self.walk(bucket.root, wanted.rest, |v| {
             let ends = self.ends_of(v.node);
             // Literal-only nodes come shallowest first: the last prefix seen is the longest.
             if v.literal_only
@@ -1001,16 +992,12 @@ impl RouteTable {
         let root = b.root;
         match path {
             PathMatch::Exact(p) => {
-                let h = exact_hash(bucket, p.as_bytes());
-                let groups = &self.groups;
-                let found = self.exact.find(h, |g| {
-                    groups.get(g).is_some_and(|g| g.bucket == bucket && g.path.as_bytes() == p.as_bytes())
-                });
-                let group = match found {
+                let path_hash = bytes_hash(p.as_bytes());
+                let group = match self.group_at(bucket, p, path_hash) {
                     Some(g) => g,
                     None => {
                         let g = self.groups.alloc(Group { bucket, path: Name::new(p), entries: Entries::new() });
-                        self.exact.insert(h, g);
+                        self.exact.insert(keyed(path_hash, bucket), g);
                         if let Some(b) = self.buckets.get_mut(bucket) {
                             b.exact += 1;
                         }
@@ -1076,12 +1063,8 @@ impl RouteTable {
             let PathMatch::Exact(p) = path else {
                 return false;
             };
-            let h = exact_hash(bucket, p.as_bytes());
-            let groups = &self.groups;
-            let Some(group) = self
-                .exact
-                .find(h, |g| groups.get(g).is_some_and(|g| g.bucket == bucket && g.path.as_bytes() == p.as_bytes()))
-            else {
+            let path_hash = bytes_hash(p.as_bytes());
+            let Some(group) = self.group_at(bucket, p, path_hash) else {
                 return false;
             };
             let Some(g) = self.groups.get_mut(group) else {
@@ -1091,13 +1074,14 @@ impl RouteTable {
                 return false;
             }
             if g.entries.is_empty() {
-                self.exact.remove(h, group);
+                self.exact.remove(keyed(path_hash, bucket), group);
                 self.groups.release(group);
                 if let Some(b) = self.buckets.get_mut(bucket) {
                     b.exact -= 1;
                 }
             }
-            return self.counted_out(bucket);
+            self.count_out(bucket);
+            return true;
         };
         let template = matches!(path, PathMatch::Template { .. });
         // The nodes down the path, root first; only change anything if the entry is there
@@ -1173,15 +1157,15 @@ impl RouteTable {
             self.nodes.release(at);
             at = parent;
         }
-        self.counted_out(bucket)
+        self.count_out(bucket);
+        true
     }
 
-    /// One entry fewer in `bucket`; true (the caller's "removed").
-    fn counted_out(&mut self, bucket: u32) -> bool {
+    /// One entry fewer in `bucket`.
+    fn count_out(&mut self, bucket: u32) {
         if let Some(b) = self.buckets.get_mut(bucket) {
             b.routes = b.routes.saturating_sub(1);
         }
-        true
     }
 }
 
@@ -1256,6 +1240,16 @@ fn next(templates: bool, v: &Visit<'_>) -> Next {
         (false, true) => Next::Literal,
         (false, false) => Next::Prune,
     }
+}
+
+/// What a lookup looks for, worked out once for all the buckets it tries.
+struct Wanted<'p> {
+    /// The normalized path, and the same without its leading '/' (what the trie walks).
+    path: &'p str,
+    rest: &'p str,
+    /// [`bytes_hash`] of `path`, for the exact-path probes.
+    path_hash: u64,
+    method: Option<MethodSet>,
 }
 
 /// Every route matching host and path, whatever its method.
