@@ -143,7 +143,13 @@ async fn a_token_of_a_rotated_key_passes_once_the_proxy_reported_its_kid() {
     let token = server.mint(claims());
     // The proxy does not know the key yet and never asks the issuer itself: 401.
     assert_unauthorized(&get(&sb, &token).await);
-    assert_eq!(server.requests(Endpoint::Jwks), fetched, "the request path fetched nothing");
+    // The control plane refetches as soon as the report reaches it, which may be before this
+    // test reads the count: a fetch seen now must follow a report. The proxy counts a report
+    // when it hands it to the stream, before the control plane can act on it, so reading the
+    // fetches first and the reports second cannot count a refetch without its report.
+    let since = server.requests(Endpoint::Jwks) - fetched;
+    let reported = reports(&sb, "sent").await;
+    assert!(since <= reported, "the request path fetched nothing: {since} fetches, {reported} reports");
 
     // ... but it reported the kid: the control plane refetches, the key arrives, the same token passes.
     let started = Instant::now();
